@@ -1,0 +1,84 @@
+"""Terminal-side helpers shared by the CLI and the training scripts: progress sinks, argument parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TextIO
+
+from .errors import InputError
+
+
+def parse_slice_range(text: str | None) -> tuple[int | None, int | None]:
+    """``"60:100"`` → (60, 100); ``":100"`` → (None, 100); ``None`` → (None, None)."""
+    if not text:
+        return None, None
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise InputError(f"slice range must look like START:STOP, got '{text}'")
+    try:
+        start = int(parts[0]) if parts[0].strip() else None
+        stop = int(parts[1]) if parts[1].strip() else None
+    except ValueError:
+        raise InputError(f"slice range must be integers START:STOP, got '{text}'") from None
+    return start, stop
+
+
+class TqdmProgress:
+    """Progress callback drawing one tqdm bar per stage (silent when stderr is not a terminal,
+    unless ``force``). Use as a context manager so the last bar is closed."""
+
+    def __init__(self, force: bool = False, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = force or self.stream.isatty()
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=1000, desc=stage, file=self.stream, leave=False,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        assert self._bar is not None
+        self._bar.n = int(round(1000 * fraction))
+        if message:
+            self._bar.set_postfix_str(message, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> TqdmProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JsonlProgress:
+    """Progress callback printing one JSON object per update: ``{"stage", "fraction", "message",
+    "time"}`` — the machine-readable stream the Slicer module parses."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._t0 = time.monotonic()
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        rec = {"stage": stage, "fraction": round(float(fraction), 4), "message": message,
+               "time": round(time.monotonic() - self._t0, 3)}
+        self.stream.write(json.dumps(rec) + "\n")
+        self.stream.flush()
+
+    def __enter__(self) -> JsonlProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

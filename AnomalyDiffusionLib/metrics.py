@@ -1,0 +1,122 @@
+"""Evaluation metrics of both papers, on scikit-learn.
+
+* Image level (AnoDODE Table 1): AUROC of the anomaly score, the best F1 over all thresholds and the
+  accuracy at that same threshold.
+* Pixel level (AnoFPDM Table 1): DICE and IoU per slice averaged over slices (a slice with an empty
+  prediction and an empty truth scores 1, as in the reference code), and AUPRC over the foreground
+  (brain) pixels of all slices pooled. The "mixed" setup uses every slice, the "unhealthy" setup
+  only slices whose ground truth contains a lesion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+
+@dataclass(frozen=True)
+class ImageLevel:
+    auroc: float
+    best_f1: float
+    accuracy: float  #: accuracy at the best-F1 threshold
+    threshold: float  #: score ≥ threshold is called anomalous
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def image_level(labels: np.ndarray, scores: np.ndarray) -> ImageLevel:
+    """AUROC, best F1 and accuracy at the best-F1 threshold for binary ``labels`` (1 = anomalous)
+    and ``scores`` (higher = more anomalous)."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+    if y.all() or not y.any():
+        raise ValueError("image-level metrics need both healthy and anomalous samples")
+    auroc = float(roc_auc_score(y, s))
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    # the last (precision=1, recall=0) point has no threshold
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    k = int(np.argmax(f1))
+    thr = float(thresholds[k])
+    acc = float(np.mean((s >= thr) == y))
+    return ImageLevel(auroc=auroc, best_f1=float(f1[k]), accuracy=acc, threshold=thr)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, empty: float = 1.0) -> float:
+    """DICE = 2|P∩T| / (|P| + |T|); ``empty`` when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = int(p.sum()) + int(t.sum())
+    return float(empty) if denom == 0 else 2.0 * int((p & t).sum()) / denom
+
+
+def iou(pred: np.ndarray, truth: np.ndarray, empty: float = 1.0) -> float:
+    """IoU = |P∩T| / |P∪T|; ``empty`` when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    union = int((p | t).sum())
+    return float(empty) if union == 0 else int((p & t).sum()) / union
+
+
+@dataclass(frozen=True)
+class PixelLevel:
+    dice: float
+    iou: float
+    auprc: float
+    n_slices: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def pixel_level(
+    pred_masks: np.ndarray,
+    truth_masks: np.ndarray,
+    anomaly_maps: np.ndarray | None = None,
+    foreground: np.ndarray | None = None,
+) -> PixelLevel:
+    """Slice-averaged DICE/IoU and pooled foreground AUPRC for ``[N, H, W]`` arrays.
+
+    ``anomaly_maps`` (continuous, higher = more anomalous) are needed for AUPRC; ``foreground``
+    restricts AUPRC to brain pixels (the reference code uses image > −0.95). AUPRC is NaN when the
+    maps are not given or the pooled truth has no positive pixel.
+    """
+    pred = np.asarray(pred_masks, bool)
+    truth = np.asarray(truth_masks, bool)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must both be [N, H, W]")
+    dices = [dice(p, t) for p, t in zip(pred, truth, strict=True)]
+    ious = [iou(p, t) for p, t in zip(pred, truth, strict=True)]
+    auprc = float("nan")
+    if anomaly_maps is not None:
+        maps = np.asarray(anomaly_maps, dtype=float)
+        fg = np.ones_like(truth) if foreground is None else np.asarray(foreground, bool)
+        y = truth[fg]
+        if y.any():
+            auprc = float(average_precision_score(y, maps[fg]))
+    return PixelLevel(dice=float(np.mean(dices)), iou=float(np.mean(ious)), auprc=auprc, n_slices=len(dices))
+
+
+def segmentation_table(
+    pred_masks: np.ndarray,
+    truth_masks: np.ndarray,
+    anomaly_maps: np.ndarray | None = None,
+    foreground: np.ndarray | None = None,
+) -> dict[str, PixelLevel]:
+    """AnoFPDM Table 1 row: ``{"mixed": ..., "unhealthy": ...}`` (unhealthy = truth has a lesion)."""
+    truth = np.asarray(truth_masks, bool)
+    sick = truth.reshape(len(truth), -1).any(1)
+    out = {"mixed": pixel_level(pred_masks, truth_masks, anomaly_maps, foreground)}
+    if sick.any():
+        sel = np.flatnonzero(sick)
+        out["unhealthy"] = pixel_level(
+            np.asarray(pred_masks)[sel],
+            truth[sel],
+            None if anomaly_maps is None else np.asarray(anomaly_maps)[sel],
+            None if foreground is None else np.asarray(foreground)[sel],
+        )
+    return out
+

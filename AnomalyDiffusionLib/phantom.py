@@ -55,7 +55,7 @@ TISSUE_MEANS = {
 }
 # Lesion compartments: (low, high) intensity ranges drawn per lesion.
 LESION_RANGES = {
-    "flair": {"edema": (0.70, 1.15), "necrosis": (0.35, 0.95), "enhancing": (0.75, 1.05)},
+    "flair": {"edema": (0.55, 1.10), "necrosis": (0.35, 0.95), "enhancing": (0.70, 1.05)},
     "t2": {"edema": (0.62, 0.90), "necrosis": (0.75, 1.05), "enhancing": (0.55, 0.75)},
     "t1": {"edema": (0.50, 0.62), "necrosis": (0.22, 0.38), "enhancing": (0.52, 0.62)},
     "t1ce": {"edema": (0.50, 0.62), "necrosis": (0.22, 0.38), "enhancing": (0.95, 1.25)},

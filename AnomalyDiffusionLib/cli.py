@@ -30,7 +30,9 @@ log = logging.getLogger("AnomalyDiffusionLib")
 
 
 # --------------------------------------------------------------------------------------- demo
-def run_demo(out: Path, seed: int = 7, size: int = 128, spacing: float = 1.0, oblique: bool = True, progress=None) -> dict:
+def run_demo(
+    out: Path, seed: int = 7, size: int = 128, spacing: float = 1.0, oblique: bool = True, progress=None
+) -> dict:
     """Volume pipeline on a synthetic case, end to end, with its ground truth.
 
     1. Draw a phantom subject with one lesion and store FLAIR, T2 and the lesion labelmap on an
@@ -76,7 +78,8 @@ def run_demo(out: Path, seed: int = 7, size: int = 128, spacing: float = 1.0, ob
     found = np.flatnonzero(back.reshape(back.shape[0], -1).any(1))
     ref = case.reference
     geometry_equal = all(
-        getattr(img, f)() == getattr(ref, f)() for img in (model_flair, mask_back)
+        getattr(img, f)() == getattr(ref, f)()
+        for img in (model_flair, mask_back)
         for f in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection")
     )
     summary = {
@@ -87,7 +90,9 @@ def run_demo(out: Path, seed: int = 7, size: int = 128, spacing: float = 1.0, ob
         "canonical_shape_zyx": list(case.shape),
         "model_slice_size": size,
         "slices": len(idx),
-        "lesion_slices_truth": [int(lesion_slices.min()), int(lesion_slices.max())] if len(lesion_slices) else None,
+        "lesion_slices_truth": [int(lesion_slices.min()), int(lesion_slices.max())]
+        if len(lesion_slices)
+        else None,
         "lesion_slices_roundtrip": [int(found.min()), int(found.max())] if len(found) else None,
         "dice_roundtrip_vs_truth": round(dice(back, truth), 4),
         "lesion_volume_ml": round(float(truth.sum()) * float(np.prod(case.spacing)) / 1000.0, 2),
@@ -130,10 +135,25 @@ def _overview(case, truth: np.ndarray, back: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace, progress) -> int:
     out = Path(args.out)
-    summary = _atomic_folder(out, lambda tmp: run_demo(tmp, seed=args.seed, size=args.size, progress=progress))
-    print(json.dumps({k: summary[k] for k in ("lesion_slices_truth", "lesion_slices_roundtrip",
-                                             "dice_roundtrip_vs_truth", "output_geometry_equals_input", "seconds")}))
-    print(f"outputs in {out}: overview.png, summary.json, model_space_flair.nii.gz, lesion_roundtrip.nii.gz, inputs/")
+    summary = _atomic_folder(
+        out, lambda tmp: run_demo(tmp, seed=args.seed, size=args.size, progress=progress)
+    )
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "lesion_slices_truth",
+                    "lesion_slices_roundtrip",
+                    "dice_roundtrip_vs_truth",
+                    "output_geometry_equals_input",
+                    "seconds",
+                )
+            }
+        )
+    )
+    files = "overview.png, summary.json, model_space_flair.nii.gz, lesion_roundtrip.nii.gz, inputs/"
+    print(f"outputs in {out}: {files}")
     return 0
 
 
@@ -143,8 +163,15 @@ def _cmd_phantom(args: argparse.Namespace, progress) -> int:
     opt = PhantomOptions(spacing=args.spacing, brats_grid=args.brats_grid, n_lesions=args.lesions)
     paths = _atomic_folder(
         Path(args.out),
-        lambda tmp: write_brats_folder(tmp, args.cases, seed=args.seed, options=opt, prefix=args.prefix,
-                                       healthy_fraction=args.healthy_fraction, progress=progress),
+        lambda tmp: write_brats_folder(
+            tmp,
+            args.cases,
+            seed=args.seed,
+            options=opt,
+            prefix=args.prefix,
+            healthy_fraction=args.healthy_fraction,
+            progress=progress,
+        ),
     )
     print(f"wrote {len(paths)} subject(s) to {args.out}")
     return 0
@@ -196,10 +223,16 @@ def _atomic_folder(out: Path, work):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anomaly-diffusion", description="Diffusion-model anomaly detection for brain MRI.")
+    p = argparse.ArgumentParser(
+        prog="anomaly-diffusion", description="Diffusion-model anomaly detection for brain MRI."
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
-                   help="progress display: bar (terminal), jsonl (one JSON line per step on stdout), none")
+    p.add_argument(
+        "--progress",
+        choices=("bar", "jsonl", "none"),
+        default="bar",
+        help="progress display: bar (terminal), jsonl (one JSON line per step on stdout), none",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -214,10 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--cases", type=int, default=1, help="number of subjects (default 1)")
     ph.add_argument("--seed", type=int, default=0, help="seed of the first subject (default 0)")
     ph.add_argument("--spacing", type=float, default=1.0, help="isotropic voxel size in mm (default 1)")
-    ph.add_argument("--brats-grid", action="store_true", help="resample onto a 240×240×155, 1 mm BraTS-like grid")
+    ph.add_argument(
+        "--brats-grid", action="store_true", help="resample onto a 240×240×155, 1 mm BraTS-like grid"
+    )
     ph.add_argument("--lesions", type=int, default=None, help="lesions per subject (default: random 1-3)")
     ph.add_argument("--healthy-fraction", type=float, default=0.0, help="fraction of subjects without lesion")
-    ph.add_argument("--prefix", default="Case", help="subject name prefix (default Case → Case_0, Case_1, ...)")
+    ph.add_argument(
+        "--prefix", default="Case", help="subject name prefix (default Case → Case_0, Case_1, ...)"
+    )
     ph.set_defaults(func=_cmd_phantom)
 
     i = sub.add_parser("info", help="print versions, device and data availability")
@@ -227,8 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     sink = {"bar": TqdmProgress, "jsonl": JsonlProgress}.get(args.progress)
     try:
         if sink is None:

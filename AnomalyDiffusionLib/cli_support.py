@@ -43,10 +43,15 @@ class TqdmProgress:
         if stage != self._stage:
             self.close()
             self._stage = stage
-            self._bar = tqdm(total=1000, desc=stage, file=self.stream, leave=False,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+            self._bar = tqdm(
+                total=1000,
+                desc=stage,
+                file=self.stream,
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+            )
         assert self._bar is not None
-        self._bar.n = int(round(1000 * fraction))
+        self._bar.n = round(1000 * fraction)
         if message:
             self._bar.set_postfix_str(message, refresh=False)
         self._bar.refresh()
@@ -72,8 +77,12 @@ class JsonlProgress:
         self._t0 = time.monotonic()
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
-        rec = {"stage": stage, "fraction": round(float(fraction), 4), "message": message,
-               "time": round(time.monotonic() - self._t0, 3)}
+        rec = {
+            "stage": stage,
+            "fraction": round(float(fraction), 4),
+            "message": message,
+            "time": round(time.monotonic() - self._t0, 3),
+        }
         self.stream.write(json.dumps(rec) + "\n")
         self.stream.flush()
 

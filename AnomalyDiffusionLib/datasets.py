@@ -127,7 +127,12 @@ class SliceDatasetWriter:
     """
 
     def __init__(
-        self, folder: str | os.PathLike, modalities: Sequence[str], size: int, dtype: str = "float16", meta: dict | None = None
+        self,
+        folder: str | os.PathLike,
+        modalities: Sequence[str],
+        size: int,
+        dtype: str = "float16",
+        meta: dict | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.tmp = self.folder.with_name(f".{self.folder.name}.partial")
@@ -139,8 +144,8 @@ class SliceDatasetWriter:
         self.dtype = np.dtype(dtype)
         self.meta = dict(meta or {})
         self.count = 0
-        self._raw = {k: open(self.tmp / f"{k}.raw", "wb") for k in ("images", "masks", "labels")}  # noqa: SIM115
-        self._index = open(self.tmp / "index.csv", "w", newline="")  # noqa: SIM115
+        self._raw = {k: open(self.tmp / f"{k}.raw", "wb") for k in ("images", "masks", "labels")}
+        self._index = open(self.tmp / "index.csv", "w", newline="")
         self._csv = csv.writer(self._index)
         self._csv.writerow(["subject", "slice", "label"])
 
@@ -163,11 +168,17 @@ class SliceDatasetWriter:
         for fh in (*self._raw.values(), self._index):
             fh.close()
         n, c, s = self.count, len(self.modalities), self.size
-        shapes = {"images": ((n, c, s, s), self.dtype), "masks": ((n, s, s), np.dtype(np.uint8)), "labels": ((n,), np.dtype(np.uint8))}
+        shapes = {
+            "images": ((n, c, s, s), self.dtype),
+            "masks": ((n, s, s), np.dtype(np.uint8)),
+            "labels": ((n,), np.dtype(np.uint8)),
+        }
         for key, (shape, dt) in shapes.items():
             raw = self.tmp / f"{key}.raw"
             with open(self.tmp / f"{key}.npy", "wb") as out, open(raw, "rb") as src:
-                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": shape})
+                np.lib.format.write_array_header_1_0(
+                    out, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": shape}
+                )
                 shutil.copyfileobj(src, out, length=16 << 20)
             raw.unlink()
         meta = {
@@ -231,7 +242,9 @@ class CaseFiles:
     seg: Path | None
 
 
-def find_brats_cases(root: str | os.PathLike, modalities: Sequence[str] = BRATS_MODALITIES) -> list[CaseFiles]:
+def find_brats_cases(
+    root: str | os.PathLike, modalities: Sequence[str] = BRATS_MODALITIES
+) -> list[CaseFiles]:
     """Subjects of a BraTS2021-layout folder: ``<id>/<id>_<modality>.nii[.gz]`` plus ``<id>_seg``."""
     root = Path(root)
     if not root.is_dir():
@@ -333,7 +346,10 @@ def prepare_dataset(
         "slice_range": [start, stop],
         "min_brain_fraction": min_brain_fraction,
     }
-    writers = {name: SliceDatasetWriter(out / name, modalities, size, dtype, meta={**meta, "split": name}) for name in split}
+    writers = {
+        name: SliceDatasetWriter(out / name, modalities, size, dtype, meta={**meta, "split": name})
+        for name in split
+    }
     try:
         for c in tracked(cases, len(cases), "prepare", progress, cancel, "slicing subjects"):
             case = load_case(c.images)
@@ -345,11 +361,21 @@ def prepare_dataset(
         for w in writers.values():
             w.abort()
         raise
-    summary = {"seed": seed, "fractions": list(fractions), "modalities": list(modalities), "size": size, "splits": {}}
+    summary = {
+        "seed": seed,
+        "fractions": list(fractions),
+        "modalities": list(modalities),
+        "size": size,
+        "splits": {},
+    }
     for name, w in writers.items():
         w.close()
         labels = np.load(out / name / "labels.npy")
-        summary["splits"][name] = {"subjects": split[name], "slices": int(len(labels)), "unhealthy": int(labels.sum())}
+        summary["splits"][name] = {
+            "subjects": split[name],
+            "slices": len(labels),
+            "unhealthy": int(labels.sum()),
+        }
     (out / "split.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -377,16 +403,19 @@ def phantom_dataset(
     from .phantom import PhantomOptions, make_subject
 
     opt = options if options is not None else PhantomOptions(spacing=2.0)
-    opt = replace(opt, modalities=tuple(dict.fromkeys((*modalities,))))
-    n_healthy = int(round(healthy_fraction * n_subjects))
+    opt = replace(opt, modalities=tuple(modalities))
+    n_healthy = round(healthy_fraction * n_subjects)
     parts = []
     for i in tracked(range(n_subjects), n_subjects, "phantom", progress, cancel, "synthesising subjects"):
         o = replace(opt, n_lesions=0) if i >= n_subjects - n_healthy else opt
         ph = make_subject(seed + i, o)
         case = case_from_images({m: ph.images[m] for m in modalities})
         seg = case.reorientation.to_canonical(np.asarray(ph.mask, dtype=np.uint8))
-        parts.append(slices_from_case(case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction))
+        parts.append(
+            slices_from_case(
+                case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction
+            )
+        )
     ds = SliceDataset.concatenate(parts)
     ds.meta.update({"source": "phantom", "seeds": [seed, seed + n_subjects - 1]})
     return ds
-

@@ -17,5 +17,5 @@ class GeometryError(InputError):
     """Volumes that should describe the same anatomy do not overlap, or a geometry cannot be honoured."""
 
 
-class Cancelled(AnomalyDiffusionError):  # noqa: N818 - reads naturally at raise sites: `raise Cancelled`
+class Cancelled(AnomalyDiffusionError):
     """Raised inside long work when the caller asked to stop (cooperative cancellation)."""

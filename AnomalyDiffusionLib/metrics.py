@@ -119,4 +119,3 @@ def segmentation_table(
             None if foreground is None else np.asarray(foreground)[sel],
         )
     return out
-

@@ -73,7 +73,9 @@ def template_dir() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     missing = [f for f in TEMPLATE_FILES.values() if not (folder / f).is_file()]
     if missing:
-        raise AnomalyDiffusionError(f"nilearn is installed but lacks the MNI template files: {', '.join(missing)}")
+        raise AnomalyDiffusionError(
+            f"nilearn is installed but lacks the MNI template files: {', '.join(missing)}"
+        )
     return folder
 
 
@@ -96,19 +98,30 @@ class Anatomy:
 def load_anatomy(spacing: float = 1.0) -> Anatomy:
     """MNI ICBM152 tissue maps resampled to ``spacing`` mm (cached; arrays are read-only)."""
     folder = template_dir()
-    images = {k: sitk.DICOMOrient(sitk.ReadImage(str(folder / f), sitk.sitkFloat32), "LPS") for k, f in TEMPLATE_FILES.items()}
+    images = {
+        k: sitk.DICOMOrient(sitk.ReadImage(str(folder / f), sitk.sitkFloat32), "LPS")
+        for k, f in TEMPLATE_FILES.items()
+    }
     ref = images["t1"]
     if spacing != 1.0:
-        size = [int(round(n * s / spacing)) for n, s in zip(ref.GetSize(), ref.GetSpacing(), strict=True)]
+        size = [round(n * s / spacing) for n, s in zip(ref.GetSize(), ref.GetSpacing(), strict=True)]
         grid = sitk.Image(size, sitk.sitkFloat32)
         grid.SetSpacing((spacing,) * 3)
         grid.SetDirection(ref.GetDirection())
         # keep the physical centre of the field of view
         centre = np.array(ref.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ref.GetSize()]))
-        grid.SetOrigin(tuple(centre - np.array(ref.GetDirection()).reshape(3, 3) @ ((np.array(size) - 1) / 2 * spacing)))
+        grid.SetOrigin(
+            tuple(centre - np.array(ref.GetDirection()).reshape(3, 3) @ ((np.array(size) - 1) / 2 * spacing))
+        )
         sigma = 0.5 * (spacing - 1.0) if spacing > 1 else 0.0
         images = {
-            k: sitk.Resample(sitk.SmoothingRecursiveGaussian(im, sigma) if sigma > 0 else im, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+            k: sitk.Resample(
+                sitk.SmoothingRecursiveGaussian(im, sigma) if sigma > 0 else im,
+                grid,
+                sitk.Transform(),
+                sitk.sitkLinear,
+                0.0,
+            )
             for k, im in images.items()
         }
         ref = images["t1"]
@@ -124,7 +137,9 @@ def load_anatomy(spacing: float = 1.0) -> Anatomy:
 
 
 # --------------------------------------------------------------------------------------- fields
-def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: float, coarse: int = 4) -> np.ndarray:
+def smooth_noise(
+    rng: np.random.Generator, shape: Sequence[int], sigma_vox: float, coarse: int = 4
+) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with correlation length ``sigma_vox`` voxels.
 
     Drawn on a grid ``coarse`` times smaller (when the correlation length allows it) and upsampled,
@@ -231,10 +246,14 @@ def _draw_lesions(
         return labels, []
     brain = tissues["brain"] > 0.5
     depth = ndimage.distance_transform_edt(brain) * sp  # mm to the brain surface
-    deep_wm = (tissues["wm"] > 0.6) & (depth > 12.0)
+    # adult gliomas are mostly supratentorial: centres in the upper 70 % of the brain's extent
+    zs = np.flatnonzero(brain.any((1, 2)))
+    supratentorial = np.zeros(shape, bool)
+    supratentorial[int(zs.min() + 0.3 * (zs.max() - zs.min())) :] = True
+    deep_wm = (tissues["wm"] > 0.6) & (depth > 12.0) & supratentorial
     candidates = np.argwhere(deep_wm)
     if len(candidates) == 0:
-        candidates = np.argwhere(depth > 8.0)
+        candidates = np.argwhere((depth > 8.0) & supratentorial)
     zz, yy, xx = np.indices(shape, dtype=np.float32)
     params = []
     for i in range(n):
@@ -325,10 +344,23 @@ def make_subject(seed: int, options: PhantomOptions | None = None) -> PhantomCas
     texture = smooth_noise(rng, labels.shape, 1.0)
     lesion_texture = smooth_noise(rng, labels.shape, 2.5 / opt.spacing)
     heterogeneity = float(rng.uniform(0.05, 0.15))
-    levels = {f"{m}:{c}": float(rng.uniform(*LESION_RANGES[m][c])) for m in MODALITIES for c in LESION_RANGES[m]}
+    levels = {
+        f"{m}:{c}": float(rng.uniform(*LESION_RANGES[m][c])) for m in MODALITIES for c in LESION_RANGES[m]
+    }
     images = {}
     for m in opt.modalities:
-        arr = _contrast(m, tissues, labels, levels, np.random.default_rng([seed, MODALITIES.index(m)]), opt, bias, texture, lesion_texture, heterogeneity)
+        arr = _contrast(
+            m,
+            tissues,
+            labels,
+            levels,
+            np.random.default_rng([seed, MODALITIES.index(m)]),
+            opt,
+            bias,
+            texture,
+            lesion_texture,
+            heterogeneity,
+        )
         images[m] = _to_image(arr, opt.spacing, anat.origin)
     label_img = _to_image(labels, opt.spacing, anat.origin)
     case = PhantomCase(images=images, labels=label_img, seed=seed, lesions=lesion_params)
@@ -356,8 +388,10 @@ def make_grid(
     d = np.eye(3) if direction is None else np.asarray(direction, dtype=float).reshape(3, 3)
     sp = np.asarray(spacing, dtype=float)
     corners = np.array(
-        [like.TransformIndexToPhysicalPoint([i * (n - 1) for i, n in zip(c, like.GetSize(), strict=True)])
-         for c in np.ndindex(2, 2, 2)]
+        [
+            like.TransformIndexToPhysicalPoint([i * (n - 1) for i, n in zip(c, like.GetSize(), strict=True)])
+            for c in np.ndindex(2, 2, 2)
+        ]
     )
     centre = corners.mean(0)
     if size is None:
@@ -377,7 +411,9 @@ def brats_grid(like: sitk.Image) -> sitk.Image:
     return make_grid(like, (1.0, 1.0, 1.0), np.eye(3), (240, 240, 155))
 
 
-def oblique_direction(degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)) -> np.ndarray:
+def oblique_direction(
+    degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)
+) -> np.ndarray:
     """A direction matrix rotated by the given angles (about x, y, z) with some axes flipped."""
     ax, ay, az = np.deg2rad(degrees)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -392,7 +428,8 @@ def oblique_direction(degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Seque
 def resample_case(case: PhantomCase, grid: sitk.Image) -> PhantomCase:
     """Resample all images (linear) and labels (nearest neighbour) onto ``grid``."""
     images = {
-        m: sitk.Resample(im, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32) for m, im in case.images.items()
+        m: sitk.Resample(im, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        for m, im in case.images.items()
     }
     labels = sitk.Resample(case.labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return PhantomCase(images=images, labels=labels, seed=case.seed, lesions=case.lesions)
@@ -409,10 +446,18 @@ def write_case(
     paths = {}
     for m, im in case.images.items():
         arr = sitk.GetArrayViewFromImage(im)
-        img = sitk.Cast(sitk.Round(im), pixel) if dtype == "int16" and arr.max() < 32767 else sitk.Cast(im, pixel)
+        img = (
+            sitk.Cast(sitk.Round(im), pixel)
+            if dtype == "int16" and arr.max() < 32767
+            else sitk.Cast(im, pixel)
+        )
         paths[m] = write_volume(img, out / f"{name}_{m}{extension}")
     paths["seg"] = write_volume(sitk.Cast(case.labels, sitk.sitkUInt8), out / f"{name}_seg{extension}")
-    meta = {"seed": case.seed, "lesions": case.lesions, "labels": {"1": "necrosis", "2": "edema", "4": "enhancing"}}
+    meta = {
+        "seed": case.seed,
+        "lesions": case.lesions,
+        "labels": {"1": "necrosis", "2": "edema", "4": "enhancing"},
+    }
     (out / f"{name}_phantom.json").write_text(json.dumps(meta, indent=1))
     return paths
 
@@ -432,7 +477,7 @@ def write_brats_folder(
     Subject ``i`` uses seed ``seed + i``; a ``healthy_fraction`` of them (the last ones) have no lesion.
     """
     opt = options or PhantomOptions()
-    n_healthy = int(round(healthy_fraction * n_cases))
+    n_healthy = round(healthy_fraction * n_cases)
     out = []
     for i in tracked(range(n_cases), n_cases, "phantom", progress, cancel, "writing synthetic subjects"):
         o = PhantomOptions(**{**asdict(opt), "n_lesions": 0 if i >= n_cases - n_healthy else opt.n_lesions})

@@ -165,12 +165,16 @@ class Reorientation:
         return self.axes == (0, 1, 2) and not self.flips
 
     def to_canonical(self, array: np.ndarray) -> np.ndarray:
-        """Original ``[z, y, x]`` array (optionally with leading batch axes) → canonical array."""
+        """Original ``[z, y, x]`` array (optionally with leading batch axes) → canonical array.
+
+        Always returns a new array that owns its memory, never a view of ``array`` (which may be a
+        view into a SimpleITK image that is about to be freed).
+        """
         lead = array.ndim - 3
         out = np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.axes))
         if self.flips:
             out = np.flip(out, axis=tuple(lead + a for a in self.flips))
-        return np.ascontiguousarray(out)
+        return np.array(out, order="C", copy=True)
 
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
         """Canonical array → array in the original image's voxel order (inverse of ``to_canonical``)."""
@@ -178,7 +182,7 @@ class Reorientation:
         out = np.flip(array, axis=tuple(lead + a for a in self.flips)) if self.flips else array
         inverse = tuple(int(i) for i in np.argsort(self.axes))
         out = np.transpose(out, tuple(range(lead)) + tuple(lead + a for a in inverse))
-        return np.ascontiguousarray(out)
+        return np.array(out, order="C", copy=True)
 
     def canonical_spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
         """Voxel spacing (x, y, z in mm) of the canonical image, from the original (x, y, z) spacing."""
@@ -222,13 +226,15 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
-def field_of_view_overlap(moving: sitk.Image, reference: sitk.Image, within: np.ndarray | None = None) -> float:
+def field_of_view_overlap(
+    moving: sitk.Image, reference: sitk.Image, within: np.ndarray | None = None
+) -> float:
     """Fraction of the reference's voxels (or of those where ``within`` is true) that fall inside the
     moving image's field of view, found by resampling a constant image with nearest neighbour."""
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8)
     ones.CopyInformation(moving)
     ones = ones + 1
-    covered = sitk.GetArrayViewFromImage(
+    covered = sitk.GetArrayFromImage(
         sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     ).astype(bool)
     if within is not None and within.any():
@@ -266,7 +272,9 @@ def align_to_reference(
             f"{name} covers only {100 * overlap:.0f}% of the {reference_name} field of view "
             f"(at least {100 * min_overlap:.0f}% needed); check that both belong to the same patient/session"
         )
-    log.info("resampling %s onto the %s grid (field-of-view overlap %.1f%%)", name, reference_name, 100 * overlap)
+    log.info(
+        "resampling %s onto the %s grid (field-of-view overlap %.1f%%)", name, reference_name, 100 * overlap
+    )
     background = float(sitk.GetArrayViewFromImage(moving).min())
     return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
 
@@ -320,7 +328,9 @@ def normalise(
     m = min(0.0, float(fg.min()))
     q = float(np.percentile(fg, percentile))
     if q <= m:
-        raise InputError(f"cannot normalise: the {percentile:g}th percentile of the foreground is not above its minimum")
+        raise InputError(
+            f"cannot normalise: the {percentile:g}th percentile of the foreground is not above its minimum"
+        )
     v = np.clip((array.astype(np.float32) - m) / (q - m), 0.0, 1.0)
     out = (2.0 * v - 1.0).astype(np.float32)
     if zero_background:
@@ -365,7 +375,9 @@ class Case:
     def to_original(self, canonical: np.ndarray, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
         """Put a canonical ``[z, y, x]`` array back on the reference grid (exact geometry copy)."""
         if canonical.shape != self.shape:
-            raise ValueError(f"array shape {canonical.shape} does not match the case's canonical shape {self.shape}")
+            raise ValueError(
+                f"array shape {canonical.shape} does not match the case's canonical shape {self.shape}"
+            )
         image = sitk.GetImageFromArray(self.reorientation.from_canonical(canonical))
         image = sitk.Cast(image, pixel_type)
         image.CopyInformation(self.reference)
@@ -389,8 +401,10 @@ def case_from_images(
     arrays: dict[str, np.ndarray] = {ref_name: sitk.GetArrayFromImage(canonical_ref)}
     for name in names[1:]:
         moving = check_volume(images[name], name=name)
-        aligned = align_to_reference(moving, reference, name=name, reference_name=ref_name, min_overlap=min_overlap)
-        arrays[name] = reo.to_canonical(sitk.GetArrayViewFromImage(aligned))
+        aligned = align_to_reference(
+            moving, reference, name=name, reference_name=ref_name, min_overlap=min_overlap
+        )
+        arrays[name] = reo.to_canonical(sitk.GetArrayFromImage(aligned))
     mask = brain_mask(arrays[mask_from or ref_name])
     return Case(
         reference=reference,
@@ -405,7 +419,9 @@ def load_case(
     paths: Mapping[str, str | os.PathLike], min_overlap: float = 0.5, max_voxels: int = MAX_VOXELS
 ) -> Case:
     """Read modality volumes (``{"flair": path, "t2": path, ...}``; the first is the reference)."""
-    images = {name: read_volume(path, name=name.upper(), max_voxels=max_voxels) for name, path in paths.items()}
+    images = {
+        name: read_volume(path, name=name.upper(), max_voxels=max_voxels) for name, path in paths.items()
+    }
     case = case_from_images(images, min_overlap=min_overlap)
     case.sources = {name: str(path) for name, path in paths.items()}
     return case
@@ -502,7 +518,9 @@ def _resize(array: np.ndarray, shape: tuple[int, int], kind: str) -> np.ndarray:
     if kind == "image":
         down = shape[0] < array.shape[-2] or shape[1] < array.shape[-1]
         out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=down)
-        return out.reshape(*lead, *shape).numpy().astype(array.dtype if array.dtype.kind == "f" else np.float32)
+        return (
+            out.reshape(*lead, *shape).numpy().astype(array.dtype if array.dtype.kind == "f" else np.float32)
+        )
     if kind == "mask":
         out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False) >= 0.5
         return out.reshape(*lead, *shape).numpy().astype(array.dtype)

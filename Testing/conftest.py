@@ -29,7 +29,11 @@ def head(shape=(20, 30, 40), seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     z, y, x = np.indices(shape, dtype=float)
     c = (np.array(shape) - 1) / 2
-    r = ((z - c[0]) / (0.45 * shape[0])) ** 2 + ((y - c[1]) / (0.42 * shape[1])) ** 2 + ((x - c[2]) / (0.4 * shape[2])) ** 2
+    r = (
+        ((z - c[0]) / (0.45 * shape[0])) ** 2
+        + ((y - c[1]) / (0.42 * shape[1])) ** 2
+        + ((x - c[2]) / (0.4 * shape[2])) ** 2
+    )
     vol = (100 + 50 * rng.random(shape) + 3 * x + 2 * y + z) * (r < 1)
     return vol.astype(np.float32)
 

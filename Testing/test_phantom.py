@@ -111,7 +111,9 @@ def test_brats_writer_layout_and_oblique_anisotropic_geometry(tmp_path):
 
 
 def test_brats_grid_shape():
-    case = P.make_subject(2, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), brats_grid=True))
+    case = P.make_subject(
+        2, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), brats_grid=True)
+    )
     assert case.images["flair"].GetSize() == (240, 240, 155)
     assert case.images["flair"].GetSpacing() == (1.0, 1.0, 1.0)
     assert case.mask.any()

@@ -36,15 +36,22 @@ def test_read_rejects_bad_inputs_with_one_clear_message(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         V.read_volume(empty, "T2")
 
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((10, 12)).astype(np.float32)), str(tmp_path / "2d.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.random.default_rng(0).random((10, 12)).astype(np.float32)),
+        str(tmp_path / "2d.nii.gz"),
+    )
     with pytest.raises(InputError, match="2-D"):
         V.read_volume(tmp_path / "2d.nii.gz", "FLAIR")
 
-    sitk.WriteImage(sitk.JoinSeries([image(head((5, 6, 7), seed=s)) for s in range(3)]), str(tmp_path / "4d.nii.gz"))
+    sitk.WriteImage(
+        sitk.JoinSeries([image(head((5, 6, 7), seed=s)) for s in range(3)]), str(tmp_path / "4d.nii.gz")
+    )
     with pytest.raises(InputError, match="4-D"):
         V.read_volume(tmp_path / "4d.nii.gz", "FLAIR")
 
-    vec = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32), isVector=True)
+    vec = sitk.GetImageFromArray(
+        np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32), isVector=True
+    )
     sitk.WriteImage(vec, str(tmp_path / "rgb.nrrd"))
     with pytest.raises(InputError, match="components per voxel"):
         V.read_volume(tmp_path / "rgb.nrrd", "FLAIR")
@@ -73,7 +80,9 @@ def test_write_read_round_trip_keeps_values_and_geometry(tmp_path, ext):
     path = V.write_volume(img, tmp_path / f"vol{ext}")
     back = V.read_volume(path, "vol")
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
-    assert np.allclose(back.GetSpacing(), img.GetSpacing()) and np.allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    assert np.allclose(back.GetSpacing(), img.GetSpacing()) and np.allclose(
+        back.GetOrigin(), img.GetOrigin(), atol=1e-4
+    )
     assert np.allclose(back.GetDirection(), img.GetDirection(), atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"vol{ext}"]  # no temporary left behind
 
@@ -98,7 +107,9 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------------- orientation
-@pytest.mark.parametrize("direction", list(signed_permutations()), ids=lambda d: "".join(f"{int(v):+d}" for v in d.ravel()))
+@pytest.mark.parametrize(
+    "direction", list(signed_permutations()), ids=lambda d: "".join(f"{int(v):+d}" for v in d.ravel())
+)
 def test_canonical_orientation_matches_simpleitk_dicomorient(direction):
     """Oracle: SimpleITK's own DICOMOrient to LPS, for all 48 axis permutations and flips."""
     img = image(head((6, 7, 8)), spacing=(0.7, 1.3, 2.9), origin=(10.0, -20.0, 5.5), direction=direction)
@@ -115,7 +126,7 @@ def test_canonical_orientation_matches_simpleitk_dicomorient(direction):
 @pytest.mark.parametrize("angles", [(0, 0, 30), (20, -15, 40), (0, 0, 44)])
 def test_canonical_orientation_of_oblique_volumes_matches_simpleitk(angles):
     img = image(head((6, 7, 8)), spacing=(1.0, 1.2, 2.5), direction=oblique_direction(angles, flip=(0,)))
-    ours, reo = V.to_canonical(img)
+    ours, _ = V.to_canonical(img)
     theirs = sitk.DICOMOrient(img, "LPS")
     assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
     assert np.allclose(ours.GetOrigin(), theirs.GetOrigin(), atol=1e-9)
@@ -131,7 +142,10 @@ def test_flipped_direction_matrix_gives_identical_axial_slices():
     far = img.TransformIndexToPhysicalPoint((a.shape[2] - 1, 0, a.shape[0] - 1))
     flipped = image(flipped_arr, spacing=(1.0, 1.5, 3.0), origin=far, direction=np.diag([-1.0, 1.0, -1.0]))
     # same physical position of one voxel in both
-    assert np.allclose(img.TransformIndexToPhysicalPoint((2, 3, 4)), flipped.TransformIndexToPhysicalPoint((a.shape[2] - 3, 3, a.shape[0] - 5)))
+    assert np.allclose(
+        img.TransformIndexToPhysicalPoint((2, 3, 4)),
+        flipped.TransformIndexToPhysicalPoint((a.shape[2] - 3, 3, a.shape[0] - 5)),
+    )
     c1 = V.case_from_images({"flair": img})
     c2 = V.case_from_images({"flair": flipped})
     assert np.array_equal(c1.arrays["flair"], c2.arrays["flair"])
@@ -157,7 +171,9 @@ def test_canonical_axial_slice_is_superior_and_radiological():
 
 
 # ---------------------------------------------------------------------------------- alignment
-def cube_image(spacing, origin, direction=None, shape=(40, 48, 56), centre_mm=(20.0, 24.0, 18.0), half_mm=6.0):
+def cube_image(
+    spacing, origin, direction=None, shape=(40, 48, 56), centre_mm=(20.0, 24.0, 18.0), half_mm=6.0
+):
     """Image whose bright cube sits at a known physical place, whatever the grid."""
     ref = image(np.zeros(shape, np.float32), spacing, origin, direction)
     z, y, x = np.indices(shape)
@@ -173,7 +189,9 @@ def cube_image(spacing, origin, direction=None, shape=(40, 48, 56), centre_mm=(2
 def test_t2_on_a_different_grid_is_aligned_to_flair():
     flair = cube_image((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     # other spacing, shifted origin, x axis flipped (origin on the far side so the field covers the cube)
-    t2 = cube_image((1.5, 0.8, 2.0), (60.0, -4.1, -3.0), direction=np.diag([-1.0, 1.0, 1.0]), shape=(30, 70, 50))
+    t2 = cube_image(
+        (1.5, 0.8, 2.0), (60.0, -4.1, -3.0), direction=np.diag([-1.0, 1.0, 1.0]), shape=(30, 70, 50)
+    )
     case = V.case_from_images({"flair": flair, "t2": t2})
     f, t = case.arrays["flair"] > 250, case.arrays["t2"] > 250
     assert t.sum() > 0.5 * f.sum()
@@ -190,6 +208,19 @@ def test_non_overlapping_t2_is_refused():
     partial = cube_image((1.0, 1.0, 1.0), (30.0, 0.0, 0.0), centre_mm=(50.0, 24.0, 18.0))
     with pytest.raises(GeometryError, match="covers only"):
         V.case_from_images({"flair": flair, "t2": partial})
+
+
+def test_case_arrays_own_their_memory():
+    """Regression: a same-grid T2 once kept a view into a freed SimpleITK buffer (segfault later)."""
+    img = image(head(), spacing=(1.0, 1.0, 2.0))
+    t2 = image(head(seed=3), spacing=(1.0, 1.0, 2.0))
+    case = V.case_from_images({"flair": img, "t2": t2})
+    del t2
+    import gc
+
+    gc.collect()
+    assert all(a.flags.owndata for a in case.arrays.values())
+    assert np.array_equal(case.arrays["t2"], head(seed=3))
 
 
 def test_load_case_reports_missing_modality(tmp_path):
@@ -274,7 +305,9 @@ def test_slice_reassemble_round_trip_is_exact(direction, spacing):
     assert np.array_equal(case.reorientation.to_canonical(sitk.GetArrayFromImage(heat)), expected)
     labels = (images[:, 0] > 0).astype(np.uint8)
     lab = V.reassemble(case, labels, idx, fit, kind="label")
-    assert np.array_equal(case.reorientation.to_canonical(sitk.GetArrayFromImage(lab)), (expected > 0).astype(np.uint8))
+    assert np.array_equal(
+        case.reorientation.to_canonical(sitk.GetArrayFromImage(lab)), (expected > 0).astype(np.uint8)
+    )
     for out in (heat, lab):
         assert out.GetSize() == img.GetSize()
         assert out.GetSpacing() == img.GetSpacing()
@@ -285,6 +318,21 @@ def test_slice_reassemble_round_trip_is_exact(direction, spacing):
     heat = V.reassemble(case, images[:, 0], idx, fit)
     assert heat.GetOrigin() == img.GetOrigin() and heat.GetDirection() == img.GetDirection()
     assert heat.GetSpacing() == img.GetSpacing() and heat.GetSize() == img.GetSize()
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha"])
+def test_outputs_written_to_file_carry_the_input_geometry_exactly(tmp_path, ext):
+    """Formats that store doubles as text (NRRD, MetaImage) keep the copied geometry bit for bit."""
+    d = oblique_direction((11, -4, 33), flip=(0,))
+    V.write_volume(
+        image(head(), spacing=(0.9, 0.9, 3.3), origin=(1.1, -2.3, 50.7), direction=d), tmp_path / f"in{ext}"
+    )
+    case = V.load_case({"flair": tmp_path / f"in{ext}"})
+    images, idx, fit = V.case_slices(case, size=32)
+    V.write_volume(V.reassemble(case, images[:, 0] > 0, idx, fit, kind="label"), tmp_path / f"out{ext}")
+    a, b = sitk.ReadImage(str(tmp_path / f"in{ext}")), sitk.ReadImage(str(tmp_path / f"out{ext}"))
+    for f in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(a, f)() == getattr(b, f)()
 
 
 def test_anisotropic_in_plane_spacing_keeps_geometry_and_shape():

@@ -25,28 +25,62 @@ from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[6:]))
-    p.add_argument("--data", required=True, type=Path, help="dataset root (BraTS: one folder per subject; ATLAS: BIDS tree)")
-    p.add_argument("--out", required=True, type=Path, help="output folder for train/, val/, test/ and split.json")
-    p.add_argument("--layout", choices=("brats", "atlas"), default="brats", help="folder layout (default: brats)")
-    p.add_argument("--modalities", default=None,
-                   help=f"comma-separated channels in order (default brats: {','.join(BRATS_MODALITIES)}; atlas: t1)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[6:]),
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset root (BraTS: one folder per subject; ATLAS: BIDS tree)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder for train/, val/, test/ and split.json"
+    )
+    p.add_argument(
+        "--layout", choices=("brats", "atlas"), default="brats", help="folder layout (default: brats)"
+    )
+    p.add_argument(
+        "--modalities",
+        default=None,
+        help=f"comma-separated channels in order (default brats: {','.join(BRATS_MODALITIES)}; atlas: t1)",
+    )
     p.add_argument("--size", type=int, default=128, help="square slice size in pixels (default 128)")
-    p.add_argument("--slices", default=None, metavar="START:STOP",
-                   help="axial slice range [START, STOP) counted from inferior (default: every slice with brain)")
-    p.add_argument("--split", default="0.75,0.05,0.20", help="train,val,test patient fractions (default 0.75,0.05,0.20)")
-    p.add_argument("--seed", type=int, default=10, help="seed of the patient shuffle (default 10, as the reference code)")
-    p.add_argument("--min-brain-fraction", type=float, default=0.01,
-                   help="drop slices whose brain covers less than this fraction of the slice (default 0.01)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="image storage type (default float16)")
+    p.add_argument(
+        "--slices",
+        default=None,
+        metavar="START:STOP",
+        help="axial slice range [START, STOP) counted from inferior (default: every slice with brain)",
+    )
+    p.add_argument(
+        "--split", default="0.75,0.05,0.20", help="train,val,test patient fractions (default 0.75,0.05,0.20)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=10, help="seed of the patient shuffle (default 10, as the reference code)"
+    )
+    p.add_argument(
+        "--min-brain-fraction",
+        type=float,
+        default=0.01,
+        help="drop slices whose brain covers less than this fraction of the slice (default 0.01)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="image storage type (default float16)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every resampling decision")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if args.layout == "brats":
             mods = tuple(args.modalities.split(",")) if args.modalities else BRATS_MODALITIES
@@ -60,14 +94,25 @@ def main(argv: list[str] | None = None) -> int:
         fractions = tuple(float(x) for x in args.split.split(","))
         with TqdmProgress() as progress:
             summary = prepare_dataset(
-                cases, args.out, mods, size=args.size, start=start, stop=stop, fractions=fractions, seed=args.seed,
-                min_brain_fraction=args.min_brain_fraction, dtype=args.dtype, source=str(args.data), progress=progress,
+                cases,
+                args.out,
+                mods,
+                size=args.size,
+                start=start,
+                stop=stop,
+                fractions=fractions,
+                seed=args.seed,
+                min_brain_fraction=args.min_brain_fraction,
+                dtype=args.dtype,
+                source=str(args.data),
+                progress=progress,
             )
     except (AnomalyDiffusionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, s in summary["splits"].items():
-        print(f"{name:5s}: {len(s['subjects']):4d} subjects, {s['slices']:6d} slices ({s['unhealthy']} unhealthy)")
+        n_sub, n_sl, n_bad = len(s["subjects"]), s["slices"], s["unhealthy"]
+        print(f"{name:5s}: {n_sub:4d} subjects, {n_sl:6d} slices ({n_bad} unhealthy)")
     print(f"written to {args.out}")
     return 0
 

@@ -160,7 +160,12 @@ def _cmd_demo(args: argparse.Namespace, progress) -> int:
 def _cmd_phantom(args: argparse.Namespace, progress) -> int:
     from .phantom import PhantomOptions, write_brats_folder
 
-    opt = PhantomOptions(spacing=args.spacing, brats_grid=args.brats_grid, n_lesions=args.lesions)
+    opt = PhantomOptions(
+        spacing=args.spacing,
+        brats_grid=args.brats_grid,
+        clinical_grid=args.clinical_grid,
+        n_lesions=args.lesions,
+    )
     paths = _atomic_folder(
         Path(args.out),
         lambda tmp: write_brats_folder(
@@ -249,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", type=float, default=1.0, help="isotropic voxel size in mm (default 1)")
     ph.add_argument(
         "--brats-grid", action="store_true", help="resample onto a 240×240×155, 1 mm BraTS-like grid"
+    )
+    ph.add_argument(
+        "--clinical-grid",
+        action="store_true",
+        help="resample onto an oblique, axis-flipped 0.9×0.9×3 mm grid (geometry stress test)",
     )
     ph.add_argument("--lesions", type=int, default=None, help="lesions per subject (default: random 1-3)")
     ph.add_argument("--healthy-fraction", type=float, default=0.0, help="fraction of subjects without lesion")

@@ -184,6 +184,11 @@ class PhantomOptions:
     noise_level: tuple[float, float] = (0.015, 0.035)  #: Rician sigma relative to the 99th percentile
     intensity_jitter: float = 0.07  #: relative per-subject jitter of tissue means
     brats_grid: bool = False  #: put the subject on a 240×240×155, 1 mm grid (BraTS/SRI24-like)
+    #: put the subject on a clinical-like acquisition grid instead: ``clinical_spacing`` voxels, a
+    #: random obliquity up to ``clinical_max_tilt_deg`` and random axis flips (geometry stress test)
+    clinical_grid: bool = False
+    clinical_spacing: tuple[float, float, float] = (0.9, 0.9, 3.0)
+    clinical_max_tilt_deg: float = 15.0
 
 
 @dataclass
@@ -364,8 +369,16 @@ def make_subject(seed: int, options: PhantomOptions | None = None) -> PhantomCas
         images[m] = _to_image(arr, opt.spacing, anat.origin)
     label_img = _to_image(labels, opt.spacing, anat.origin)
     case = PhantomCase(images=images, labels=label_img, seed=seed, lesions=lesion_params)
+    if opt.brats_grid and opt.clinical_grid:
+        raise ValueError("choose brats_grid or clinical_grid, not both")
     if opt.brats_grid:
         case = resample_case(case, brats_grid(case.labels))
+    elif opt.clinical_grid:
+        grid_rng = np.random.default_rng([seed, 99])
+        angles = grid_rng.uniform(-opt.clinical_max_tilt_deg, opt.clinical_max_tilt_deg, 3)
+        flips = tuple(int(k) for k in np.flatnonzero(grid_rng.random(3) < 0.5))
+        grid = make_grid(case.labels, opt.clinical_spacing, oblique_direction(angles, flip=flips))
+        case = resample_case(case, grid)
     return case
 
 

@@ -117,3 +117,17 @@ def test_brats_grid_shape():
     assert case.images["flair"].GetSize() == (240, 240, 155)
     assert case.images["flair"].GetSpacing() == (1.0, 1.0, 1.0)
     assert case.mask.any()
+
+
+def test_clinical_grid_is_oblique_anisotropic_and_keeps_the_lesion(tmp_path):
+    base = P.make_subject(6, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",)))
+    case = P.make_subject(
+        6, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), clinical_grid=True)
+    )
+    img = case.images["flair"]
+    assert img.GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    assert np.allclose(d.T @ d, np.eye(3), atol=1e-9) and not np.allclose(np.abs(d), np.eye(3), atol=0.01)
+    assert case.mask.sum() * 0.9 * 0.9 * 3.0 == pytest.approx(base.mask.sum() * 8.0, rel=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        P.make_subject(6, P.PhantomOptions(spacing=2.0, brats_grid=True, clinical_grid=True))

@@ -1,0 +1,419 @@
+"""AnoFPDM inference: anomaly segmentation from the forward process of a guided DDPM.
+
+Equation numbers refer to Che et al., "AnoFPDM" (``../shared/papers/003_*.txt``). Per slice ``x_0``
+and forward step ``t``:
+
+* ``x_t``: DDPM mode, eq. 2 with fresh noise each step; DDIM mode, ``x_1`` from eq. 2 and later steps
+  by the deterministic DDIM inversion of eq. 4, driven by the unconditional ε_∅ (with x̃_0 clipped
+  to [-1, 1], as in the reference code). With a step ``stride`` > 1, eq. 4 jumps between the visited
+  steps directly.
+* One network call per step on the stacked batch ``[x_t with label h ; x_t with label ∅]`` gives
+  ε_h and ε_∅. Guided ε (eq. 6) → healthy-guided prediction x̃ʰ_{0,t} (eq. 7); ε_∅ → unguided
+  prediction x̃^∅_{0,t} (eq. 10), and the same ε_∅ drives the DDIM inversion step. The reference
+  code makes four separate calls per step for the same quantities.
+* ``unguided="healthy"`` reproduces the authors' public code instead of eq. 10: the unguided
+  prediction uses the *healthy* label with w = 0. Since x̃ʰ − x̃^∅ = −√((1−ᾱ_t)/ᾱ_t)·(1+w)(ε_h − ε_∅)
+  in the paper's form but −√((1−ᾱ_t)/ᾱ_t)·w(ε_h − ε_∅) in the code's, M_t scales with w² instead
+  of (1 + w)² (M_t = 0 at w = 0), MSE^∅ becomes the healthy-label error, and the cosine classifier
+  changes; calibrate with the same form you infer with.
+* Divergence M_t = ‖x̃ʰ − x̃^∅‖²/d per modality channel (eq. 12), sub-anomaly map
+  S_t = (x̃ʰ_{0,t} − x_0)² (eq. 19), t_e = argmax_t M_t per channel (eq. 21), aggregated map
+  H = mean of S_t over the steps up to t_e (eq. 20), and the S_{t_e}-only variant.
+* MSE sequences MSEʰ_t = ‖x̃ʰ − x_0‖²/d and MSE^∅_t = ‖x̃^∅ − x_0‖²/d and their cosine similarity
+  (eq. 18) classify the slice (unhealthy if the cosine ≤ the calibrated threshold).
+
+Streaming: only running sums are kept (Σ S_t, the sum at the running argmax of M_t, S at that step),
+so memory does not grow with the number of steps; the per-step scalars (M_t, MSEs) are kept for the
+classifier and for plots. Optional early stop: once a slice's M_t has fallen below ``drop`` × its
+peak for ``patience`` steps (and the cosine horizon is passed), the slice leaves the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from .diffusion import HEALTHY, NULL, Schedule, predict_x0, q_sample
+from .errors import InputError
+from .progress import CancelToken, ProgressCallback, report
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class FPDMSettings:
+    """How the forward process runs. Steps are 0-based indices into the T-step schedule."""
+
+    w: float = 2.0  #: guidance strength (BraTS w* = 2 in the paper)
+    steps: int = 600  #: forward steps run (reference code: 600 of T = 1000 for BraTS)
+    stride: int = 1  #: visit every ``stride``-th step
+    mode: str = "ddim"  #: "ddim" (deterministic encoding, eq. 4) or "ddpm" (stochastic, eq. 2)
+    unguided: str = "null"  #: "null" = paper eq. 10; "healthy" = reference code (healthy label, w = 0)
+    map_channels: tuple[int, ...] | None = None  #: channels used for M_t and maps (None: all)
+    clip_x0: bool = True  #: clip x̃_0 to [-1, 1] inside the DDIM inversion (reference code)
+    early_stop: bool = False
+    patience: int = 60  #: early stop: steps (in schedule units) past the running M_t peak ...
+    drop: float = 0.5  #: ... with M_t below ``drop`` × that peak on every map channel
+    cosine_steps: int | None = None  #: horizon of the eq. 18 sequences (None: all ``steps``)
+    batch_size: int = 32  #: slices per batch (each network call sees twice as many inputs)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ddim", "ddpm"):
+            raise ValueError(f"mode must be 'ddim' or 'ddpm', not {self.mode!r}")
+        if self.unguided not in ("null", "healthy"):
+            raise ValueError(
+                f"unguided must be 'null' (paper eq. 10) or 'healthy' (reference code), not {self.unguided!r}"
+            )
+        if self.steps < 1 or self.stride < 1:
+            raise ValueError("steps and stride must be positive")
+
+    @property
+    def visited(self) -> np.ndarray:
+        return np.arange(0, self.steps, self.stride)
+
+    @property
+    def horizon(self) -> int:
+        return self.steps if self.cosine_steps is None else min(self.cosine_steps, self.steps)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["map_channels"] = None if self.map_channels is None else list(self.map_channels)
+        return d
+
+
+@dataclass
+class Calibration:
+    """Values chosen on a validation set with image-level labels only (section 4.2, Algorithm 1)."""
+
+    w: float
+    cos_threshold: float  #: slice is unhealthy when cos(MSEʰ, MSE^∅) ≤ this
+    m_max: list[float]  #: largest M_{t_e} per map channel on validation
+    a: float = 0.90
+    b: float = 0.98
+    median_size: int = 5  #: median filter on the map before thresholding (appendix F); 0/1 = off
+    min_component: int = 40  #: components of ≤ this many pixels at 128² are removed (appendix F)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ForwardResult:
+    """Per-slice outputs of the forward process (numpy, float32 unless noted).
+
+    ``m`` [N, K, C'] M_t at the K visited steps (NaN after a slice stopped early); ``mse_h``/``mse_u``
+    [N, K]; ``t_e`` [N, C'] (int step index); ``m_te`` [N, C']; ``h`` [N, C', S, S] aggregated map
+    (eq. 20); ``s_te`` [N, C', S, S]; ``cosine`` [N] (eq. 18 over the horizon); ``steps_run`` [N].
+    """
+
+    steps: np.ndarray
+    m: np.ndarray
+    mse_h: np.ndarray
+    mse_u: np.ndarray
+    t_e: np.ndarray
+    m_te: np.ndarray
+    h: np.ndarray
+    s_te: np.ndarray
+    cosine: np.ndarray
+    steps_run: np.ndarray
+    network_calls: int = 0
+
+
+# ------------------------------------------------------------------------------ forward process
+def check_input(x0: torch.Tensor | np.ndarray, in_channels: int, image_size: int) -> torch.Tensor:
+    """Validate slices for a model: ``[N, in_channels, image_size, image_size]``, finite."""
+    x = torch.as_tensor(np.asarray(x0) if isinstance(x0, np.ndarray) else x0)
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise InputError(
+            f"the model expects {in_channels} channel(s) per slice, got input of shape {tuple(x.shape)}"
+        )
+    if x.shape[-2:] != (image_size, image_size):
+        raise InputError(f"the model expects {image_size}×{image_size} slices, got {tuple(x.shape[-2:])}")
+    if not torch.isfinite(x).all():
+        raise InputError("input slices contain NaN/Inf values")
+    return x.float()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [N, K] arrays (eq. 18)."""
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.divide(num, den, out=np.ones_like(num), where=den > 0)
+
+
+@torch.no_grad()
+def forward_process(
+    model: nn.Module,
+    x0: torch.Tensor | np.ndarray,
+    settings: FPDMSettings,
+    schedule: Schedule | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    cos_threshold: float | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> ForwardResult:
+    """Run the guided and unguided forward processes on slices ``x0`` [N, C, S, S] in [-1, 1].
+
+    ``cos_threshold``: with early stop, slices whose cosine at the horizon says "healthy" leave the
+    batch there (their mask is empty anyway). ``seed`` fixes the noise (per slice, independent of
+    batching).
+    """
+    cfg = getattr(model, "config", None)
+    x0 = check_input(x0, cfg.in_channels, cfg.image_size) if cfg is not None else torch.as_tensor(x0).float()
+    schedule = schedule or Schedule()
+    if settings.steps > schedule.steps:
+        raise ValueError(f"{settings.steps} forward steps exceed the schedule's T = {schedule.steps}")
+    n = x0.shape[0]
+    chans = list(settings.map_channels) if settings.map_channels is not None else list(range(x0.shape[1]))
+    k_steps = len(settings.visited)
+    out = {
+        "m": np.full((n, k_steps, len(chans)), np.nan, np.float32),
+        "mse_h": np.full((n, k_steps), np.nan, np.float32),
+        "mse_u": np.full((n, k_steps), np.nan, np.float32),
+        "t_e": np.zeros((n, len(chans)), np.int64),
+        "m_te": np.zeros((n, len(chans)), np.float32),
+        "h": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
+        "s_te": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
+        "steps_run": np.zeros(n, np.int64),
+    }
+    calls = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n, settings.batch_size):
+            sl = slice(start, min(n, start + settings.batch_size))
+            calls += _run_batch(
+                model,
+                x0[sl],
+                settings,
+                schedule,
+                seed,
+                start,
+                chans,
+                device,
+                cos_threshold,
+                out,
+                sl,
+                progress,
+                cancel,
+                n,
+            )
+    finally:
+        model.train(was_training)
+    horizon = settings.visited < settings.horizon
+    cos = _cosine(np.nan_to_num(out["mse_h"][:, horizon]), np.nan_to_num(out["mse_u"][:, horizon]))
+    return ForwardResult(steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, **out)
+
+
+def _run_batch(
+    model,
+    x0,
+    st: FPDMSettings,
+    schedule,
+    seed,
+    offset,
+    chans,
+    device,
+    cos_threshold,
+    out,
+    sl,
+    progress,
+    cancel,
+    n_total,
+) -> int:
+    dev = torch.device(device)
+    abar = schedule.tensor(dev)
+    x0 = x0.to(dev)
+    b = x0.shape[0]
+    gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + offset + i) for i in range(b)]
+
+    def noise(rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(x0.shape[1:], generator=gens[int(r)]) for r in rows]).to(dev)
+
+    c_idx = torch.tensor(chans, device=dev)
+    run_sum = torch.zeros(b, len(chans), *x0.shape[-2:], device=dev)
+    h_best = torch.zeros_like(run_sum)
+    s_best = torch.zeros_like(run_sum)
+    m_best = torch.full((b, len(chans)), -1.0, device=dev)
+    t_e = torch.zeros(b, len(chans), dtype=torch.long, device=dev)
+    count = torch.zeros(b, device=dev)
+    active = torch.arange(b, device=dev)  # rows still running, in state order
+    x_prev = eps_prev = None
+    t_prev = 0
+    calls = 0
+    visited = st.visited
+    for k, t in enumerate(visited):
+        if cancel is not None:
+            cancel.check()
+        if len(active) == 0:
+            break
+        xa = x0[active]
+        tt = torch.full((len(active),), int(t), dtype=torch.long, device=dev)
+        if st.mode == "ddpm" or k == 0:
+            x_t = q_sample(xa, tt, noise(active), abar)  # eq. 2
+        else:  # eq. 4: deterministic DDIM inversion from the previous visited step, driven by ε_∅
+            tp = torch.full_like(tt, t_prev)
+            x0_tilde = predict_x0(x_prev, tp, eps_prev, abar)
+            if st.clip_x0:
+                x0_tilde = x0_tilde.clamp(-1, 1)
+            a_t = abar[int(t)].float()
+            a_p = abar[int(t_prev)].float()
+            x_t = (
+                a_t.sqrt() * x0_tilde + (1 - a_t).sqrt() * (x_prev - a_p.sqrt() * x0_tilde) / (1 - a_p).sqrt()
+            )
+        m = len(active)
+        labels = torch.cat([torch.full((m,), HEALTHY, device=dev), torch.full((m,), NULL, device=dev)]).long()
+        eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), labels)  # one stacked call per step
+        calls += 1
+        eps_h, eps_n = eps[:m], eps[m:]
+        hgp = predict_x0(x_t, tt, (1 + st.w) * eps_h - st.w * eps_n, abar)  # eqs. 6-7
+        ugp = predict_x0(x_t, tt, eps_n if st.unguided == "null" else eps_h, abar)  # eq. 10 / reference code
+        hg, ug, xg = hgp[:, c_idx], ugp[:, c_idx], xa[:, c_idx]
+        m_t = ((hg - ug) ** 2).mean(dim=(-2, -1))  # eq. 12, per channel
+        s_t = (hg - xg) ** 2  # eq. 19
+        run_sum[active] += s_t
+        count[active] += 1
+        better = m_t > m_best[active]  # [m, C']
+        rows = active[:, None].expand_as(better)
+        m_best[active] = torch.where(better, m_t, m_best[active])
+        t_e[active] = torch.where(better, torch.full_like(t_e[active], int(t)), t_e[active])
+        avg = run_sum[active] / count[active][:, None, None, None]  # eq. 20 up to the current step
+        h_best[rows[better], better.nonzero()[:, 1]] = avg[better]
+        s_best[rows[better], better.nonzero()[:, 1]] = s_t[better]
+        rows_np = (active + sl.start).cpu().numpy()
+        out["m"][rows_np, k] = m_t.cpu().numpy()
+        out["mse_h"][rows_np, k] = s_t.mean(dim=(1, 2, 3)).cpu().numpy()
+        out["mse_u"][rows_np, k] = ((ug - xg) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
+        out["steps_run"][rows_np] += 1
+        x_prev, eps_prev, t_prev = x_t, eps_n, int(t)
+        report(
+            progress, "fpdm", (sl.start + b * (k + 1) / len(visited)) / n_total, f"step {t + 1}/{st.steps}"
+        )
+
+        if st.early_stop and t + st.stride >= st.horizon:
+            keep = torch.ones(m, dtype=torch.bool, device=dev)
+            if cos_threshold is not None and t < st.horizon <= t + st.stride:
+                hz = visited < st.horizon
+                cos = _cosine(out["mse_h"][rows_np][:, hz], out["mse_u"][rows_np][:, hz])
+                keep &= torch.as_tensor(cos <= cos_threshold, device=dev)  # healthy slices stop here
+            past = (int(t) - t_e[active] >= st.patience) & (m_t < st.drop * m_best[active])
+            keep &= ~past.all(dim=1)
+            if not keep.all():
+                active, x_prev, eps_prev = active[keep], x_prev[keep], eps_prev[keep]
+    out["t_e"][sl] = t_e.cpu().numpy()
+    out["m_te"][sl] = m_best.clamp(min=0).cpu().numpy()
+    out["h"][sl] = h_best.cpu().numpy()
+    out["s_te"][sl] = s_best.cpu().numpy()
+    return calls
+
+
+# ---------------------------------------------------------------------------- segmentation steps
+def quantile_level(m_te: float, m_max: float, a: float = 0.90, b: float = 0.98) -> float:
+    """Algorithm 1: quantile for one input. Larger M_{t_e} (a larger anomaly) → lower quantile.
+
+    ``range = reverse(linspace(a, b, 101)); index = round(clamp(M_te / M_max, 0, 1), 2) · 100``.
+    """
+    levels = np.linspace(a, b, 101)[::-1]
+    ms = float(np.clip(m_te / m_max, 0.0, 1.0)) if m_max > 0 else 1.0
+    return float(levels[int(np.round(np.round(ms, 2) * 100))])
+
+
+def remove_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """Drop 8-connected components with ≤ ``max_size`` pixels (appendix F)."""
+    if max_size <= 0 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    keep = np.concatenate([[False], sizes > max_size])
+    return keep[labels]
+
+
+@dataclass
+class Segmentation:
+    """Per-slice decisions: ``unhealthy`` [N] bool, ``maps`` [N, S, S] (channel mean, median
+    filtered), ``masks`` [N, S, S] bool, ``thresholds`` [N] (Q*), ``quantiles`` [N, C']."""
+
+    unhealthy: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    thresholds: np.ndarray
+    quantiles: np.ndarray
+
+
+def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: bool = True) -> Segmentation:
+    """Threshold maps into masks, as in the reference code.
+
+    Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
+    over all pixels. Q* = mean_c Q_c. The channel-mean map is median filtered (``median_size``,
+    reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
+    slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
+    whose cosine is above the calibrated threshold are called healthy and get an empty mask.
+    """
+    maps_c = result.h if use == "h" else result.s_te
+    n, c, s, _ = maps_c.shape
+    if len(cal.m_max) != c:
+        raise ValueError(f"calibration has M_max for {len(cal.m_max)} channel(s), maps have {c}")
+    unhealthy = result.cosine <= cal.cos_threshold if classify else np.ones(n, bool)
+    min_px = round(cal.min_component * (s / 128.0) ** 2)
+    q = np.zeros((n, c), np.float32)
+    thr = np.zeros(n, np.float32)
+    maps = maps_c.mean(1)
+    masks = np.zeros((n, s, s), bool)
+    for i in range(n):
+        for j in range(c):
+            q[i, j] = quantile_level(float(result.m_te[i, j]), float(cal.m_max[j]), cal.a, cal.b)
+        thr[i] = np.mean([np.quantile(maps_c[i, j], q[i, j]) for j in range(c)])
+        if cal.median_size > 1:
+            maps[i] = ndimage.median_filter(maps[i], size=cal.median_size, mode="reflect")
+        if unhealthy[i]:
+            masks[i] = remove_small_components(maps[i] >= thr[i], min_px)
+    return Segmentation(unhealthy=unhealthy, maps=maps, masks=masks, thresholds=thr, quantiles=q)
+
+
+# ----------------------------------------------------------------------------------- calibration
+def best_cosine_threshold(cosine: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Threshold on the cosine (unhealthy if ≤) maximising accuracy; returns (threshold, accuracy).
+
+    Candidates are midpoints between consecutive sorted values (plus both ends), so the threshold
+    generalises rather than sitting on a validation sample.
+    """
+    c = np.asarray(cosine, float)
+    y = np.asarray(labels).astype(bool)
+    v = np.unique(c)
+    cands = np.concatenate([[v[0] - 1e-6], (v[:-1] + v[1:]) / 2, [v[-1] + 1e-6]])
+    acc = np.array([np.mean((c <= th) == y) for th in cands])
+    k = int(np.argmax(acc))
+    return float(cands[k]), float(acc[k])
+
+
+def select_guidance(
+    cosines: dict[float, np.ndarray], labels: np.ndarray, tolerance: float = 0.99
+) -> tuple[float, dict[float, dict[str, float]]]:
+    """Section 4.2: per candidate w the accuracy-maximising cosine threshold; w* = the largest w whose
+    accuracy is within ``tolerance`` (99 %) of the best. Returns (w*, table per w)."""
+    table = {}
+    for w in sorted(cosines):
+        th, acc = best_cosine_threshold(cosines[w], labels)
+        table[w] = {"threshold": th, "accuracy": acc}
+    best = max(v["accuracy"] for v in table.values())
+    w_star = max(w for w, v in table.items() if v["accuracy"] >= tolerance * best)
+    return w_star, table
+
+
+def m_max_from(result: ForwardResult, labels: np.ndarray | None = None) -> list[float]:
+    """M_max per channel: the largest M_{t_e} over the (image-level) unhealthy validation slices
+    (all slices when no label says unhealthy)."""
+    sel = (
+        np.asarray(labels).astype(bool)
+        if labels is not None and np.any(labels)
+        else np.ones(len(result.m_te), bool)
+    )
+    return [float(v) for v in result.m_te[sel].max(0)]

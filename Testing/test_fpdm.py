@@ -1,0 +1,257 @@
+"""AnoFPDM against truths: closed-form schedule, an analytically optimal ε, eq. 13, Algorithm 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, unet_config
+from AnomalyDiffusionLib.errors import InputError
+from AnomalyDiffusionLib.fpdm import (
+    Calibration,
+    FPDMSettings,
+    best_cosine_threshold,
+    forward_process,
+    quantile_level,
+    remove_small_components,
+    segment,
+    select_guidance,
+)
+
+
+class GaussianEps(nn.Module):
+    """The exact optimal ε for data x_0 ~ N(μ_y, σ² I) given class y (Tweedie):
+    ε*(x_t, t, y) = √(1−ᾱ)(x_t − √ᾱ μ_y) / (ᾱσ² + 1 − ᾱ). ``gain(t)`` optionally scales μ_h − μ_∅
+    with the step (a model whose class signal peaks at a chosen noise level)."""
+
+    def __init__(self, mu_h, mu_null, sigma=0.0, gain=None, size=8):
+        super().__init__()
+        self.mu_h, self.mu_null, self.sigma, self.gain = mu_h, mu_null, sigma, gain
+        self.abar = Schedule().tensor()
+        self.config = type("Cfg", (), {"in_channels": mu_h.shape[0], "image_size": size})()
+
+    def forward(self, x, t, y):
+        a = self.abar[t].float().reshape(-1, 1, 1, 1)
+        g = 1.0 if self.gain is None else self.gain(t).reshape(-1, 1, 1, 1)
+        mu = torch.where(
+            (y == NULL).reshape(-1, 1, 1, 1), self.mu_null, self.mu_null + g * (self.mu_h - self.mu_null)
+        )
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * self.sigma**2 + 1 - a)
+
+
+def test_schedule_matches_closed_form():
+    s = Schedule()
+    betas = 1e-4 + (0.02 - 1e-4) * np.arange(1000) / 999
+    assert np.allclose(s.betas, betas, rtol=0, atol=1e-15)
+    for t in (0, 1, 299, 599, 999):
+        assert s.alphas_cumprod[t] == pytest.approx(np.prod(1 - betas[: t + 1]), rel=1e-12)
+    assert s.alphas_cumprod[0] == pytest.approx(0.9999)
+    assert s.alphas_cumprod[999] == pytest.approx(4.0358e-5, rel=1e-3)
+
+
+@pytest.fixture
+def means():
+    g = torch.Generator().manual_seed(0)
+    mu_h = torch.rand(2, 8, 8, generator=g) * 0.6 - 0.5
+    mu_null = mu_h.clone()
+    mu_null[:, 2:5, 3:6] += 0.8  # the "anomaly": where the unconditional mean differs
+    return mu_h, mu_null
+
+
+@pytest.mark.parametrize("mode", ["ddim", "ddpm"])
+def test_point_mass_model_gives_hand_derived_hgp_ugp_and_m(means, mode):
+    """σ = 0: x̃_0 = μ exactly whatever the noise, so HGP = (1+w)μ_h − wμ_∅ (eq. 7), UGP = μ_∅
+    (eq. 10), M_t = (1+w)²·mean((μ_h − μ_∅)²) (eq. 12) at every step, H = S = (HGP − x_0)²."""
+    mu_h, mu_null = means
+    w = 1.5
+    model = GaussianEps(mu_h, mu_null, sigma=0.0)
+    x0 = (mu_null + 0.05 * torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1)))[None].repeat(
+        3, 1, 1, 1
+    )
+    st = FPDMSettings(w=w, steps=40, stride=4, mode=mode, clip_x0=False)
+    r = forward_process(model, x0, st)
+    hgp = (1 + w) * mu_h - w * mu_null
+    m_expected = ((1 + w) ** 2 * ((mu_h - mu_null) ** 2).mean(dim=(-2, -1))).numpy()
+    assert np.allclose(r.m, m_expected[None, None], rtol=1e-4)
+    s_expected = ((hgp[None] - x0) ** 2).numpy()
+    assert np.allclose(r.h, s_expected, rtol=1e-4, atol=1e-6)
+    assert np.allclose(r.s_te, s_expected, rtol=1e-4, atol=1e-6)
+    assert np.allclose(r.mse_h, s_expected.mean(axis=(1, 2, 3))[:, None], rtol=1e-4)
+    assert np.allclose(r.mse_u, ((mu_null[None] - x0) ** 2).mean(dim=(1, 2, 3)).numpy()[:, None], rtol=1e-4)
+    assert np.allclose(r.m_te, m_expected[None], rtol=1e-4)  # M_t is constant, so is its maximum
+    assert r.network_calls == len(st.visited)  # one stacked call per step
+
+
+@pytest.mark.parametrize("mode", ["ddim", "ddpm"])
+@pytest.mark.parametrize("unguided", ["null", "healthy"])
+def test_gaussian_model_m_t_closed_form(means, mode, unguided):
+    """σ > 0: x̃ʰ − x̃^∅ = −(1−ᾱ)·c·(μ_∅ − μ_h)/(ᾱσ² + 1 − ᾱ) with c = 1 + w (paper) or w (code),
+    independent of x_t, so M_t is known at every step in both encodings."""
+    mu_h, mu_null = means
+    w, sigma = 2.0, 0.5
+    model = GaussianEps(mu_h, mu_null, sigma=sigma)
+    x0 = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    st = FPDMSettings(w=w, steps=600, stride=50, mode=mode, unguided=unguided, clip_x0=False)
+    r = forward_process(model, x0, st)
+    a = Schedule().alphas_cumprod[st.visited]
+    c = (1 + w) if unguided == "null" else w
+    d2 = ((mu_null - mu_h) ** 2).mean(dim=(-2, -1)).numpy()  # per channel
+    expected = (c * (1 - a) / (a * sigma**2 + 1 - a))[:, None] ** 2 * d2[None]
+    assert np.allclose(r.m, expected[None], rtol=1e-3)
+    assert (r.t_e == st.visited[-1]).all()  # monotone in t for this model
+
+
+def test_ddim_m_t_scales_with_one_plus_w_squared_and_code_form_w0_is_zero():
+    """DDIM trajectory is driven by ε_∅ alone, so M_t(w) = (1 + w)² M_t(0) exactly (eq. 13), for any
+    network; in the reference-code form, w = 0 makes HGP = UGP and M_t = 0."""
+    torch.manual_seed(0)
+    model = UNet(unet_config("tiny"))
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)  # zero-initialised output layers would give ε ≡ 0
+    x0 = torch.rand(3, 2, 32, 32) * 2 - 1
+    base = FPDMSettings(w=0.0, steps=200, stride=20)
+    r0 = forward_process(model, x0, base)
+    for w in (0.5, 3.0):
+        rw = forward_process(model, x0, FPDMSettings(w=w, steps=200, stride=20))
+        assert np.allclose(rw.m, (1 + w) ** 2 * r0.m, rtol=1e-4, atol=1e-9)
+        assert np.allclose(rw.mse_u, r0.mse_u, rtol=1e-6)  # same trajectory and UGP
+    rc = forward_process(model, x0, FPDMSettings(w=0.0, steps=200, stride=20, unguided="healthy"))
+    assert np.all(rc.m == 0) and np.allclose(rc.mse_h, rc.mse_u)
+    assert r0.m.max() > 0
+
+
+def test_algorithm_1_hand_values():
+    # range = reverse(linspace(0.90, 0.98, 101)): index i -> 0.98 - 0.0008 i
+    assert quantile_level(0.0, 2.0) == pytest.approx(0.98)
+    assert quantile_level(1.0, 2.0) == pytest.approx(0.94)  # M_s = 0.5 -> index 50
+    assert quantile_level(0.25, 1.0) == pytest.approx(0.98 - 0.0008 * 25)
+    assert quantile_level(5.0, 2.0) == pytest.approx(0.90)  # clamped to 1
+    assert quantile_level(0.5, 1.0, a=0.8, b=0.9) == pytest.approx(0.85)
+
+
+def _result_with(h, m_te, cosine):
+    from AnomalyDiffusionLib.fpdm import ForwardResult
+
+    n = h.shape[0]
+    return ForwardResult(
+        steps=np.arange(1),
+        m=np.zeros((n, 1, h.shape[1])),
+        mse_h=np.zeros((n, 1)),
+        mse_u=np.zeros((n, 1)),
+        t_e=np.zeros((n, h.shape[1]), int),
+        m_te=np.asarray(m_te, np.float32),
+        h=h,
+        s_te=h,
+        cosine=np.asarray(cosine, np.float32),
+        steps_run=np.ones(n, int),
+    )
+
+
+def test_segment_hand_case_threshold_and_classification():
+    """H = 0..99 on a 10×10 slice; M_te/M_max = 0.5 → q = 0.94 → Q* = quantile = 93.06, so the
+    six pixels 94..99 are kept. A slice with cosine above the threshold gets an empty mask."""
+    h = np.arange(100, dtype=np.float32).reshape(1, 1, 10, 10).repeat(2, 0)
+    cal = Calibration(w=2, cos_threshold=0.9, m_max=[2.0], median_size=1, min_component=0)
+    seg = segment(_result_with(h, [[1.0], [1.0]], [0.5, 0.95]), cal)
+    assert seg.thresholds[0] == pytest.approx(93.06)
+    assert seg.masks[0].sum() == 6 and seg.masks[0].ravel()[94:].all()
+    assert seg.unhealthy.tolist() == [True, False] and not seg.masks[1].any()
+    # two channels: Q* is the mean of the per-channel quantiles, the map the channel mean
+    h2 = np.concatenate([h[:1], h[:1] * 3], axis=1)
+    cal2 = Calibration(w=2, cos_threshold=0.9, m_max=[2.0, 2.0], median_size=1, min_component=0)
+    seg2 = segment(_result_with(h2, [[1.0, 1.0]], [0.5]), cal2)
+    assert seg2.thresholds[0] == pytest.approx((93.06 + 3 * 93.06) / 2)
+    assert np.allclose(seg2.maps[0], 2 * h[0, 0])
+
+
+def test_post_processing_hand_cases():
+    m = np.zeros((12, 12), bool)
+    m[1:4, 1:4] = True  # 9 pixels
+    m[8, 8] = m[9, 9] = True  # diagonal pair: one 8-connected component of 2
+    m[6, 1] = True  # single pixel
+    out = remove_small_components(m, 2)
+    assert out[1:4, 1:4].all() and not out[8, 8] and not out[6, 1]
+    out1 = remove_small_components(m, 1)
+    assert out1[8, 8] and out1[9, 9] and not out1[6, 1]  # 4-connectivity would have removed the pair
+    # 5×5 median removes an isolated spike before thresholding
+    h = np.zeros((1, 1, 16, 16), np.float32)
+    h[0, 0, 5, 5] = 100.0  # a spike inside a plateau of ones
+    h[0, 0, 2:9, 2:9] += 1.0
+    cal = Calibration(w=1, cos_threshold=1.0, m_max=[1.0], median_size=5, min_component=0)
+    seg = segment(_result_with(h, [[1.0]], [0.0]), cal)
+    assert seg.maps[0, 5, 5] == 1.0 and seg.maps[0, 0, 0] == 0.0
+
+
+def test_early_stop_gives_the_same_t_e_and_mask_as_the_full_run(means):
+    """A model whose class signal peaks at step 200: stopping after the peak changes nothing."""
+    mu_h, mu_null = means
+    gain = lambda t: torch.exp(-(((t.float() - 200.0) / 80.0) ** 2))  # noqa: E731
+    model = GaussianEps(mu_h, mu_null, sigma=0.3, gain=gain)
+    x0 = mu_null[None].repeat(4, 1, 1, 1) + 0.1 * torch.randn(
+        4, 2, 8, 8, generator=torch.Generator().manual_seed(3)
+    )
+    full = forward_process(model, x0, FPDMSettings(w=2, steps=600, stride=10, cosine_steps=300))
+    fast = forward_process(
+        model, x0, FPDMSettings(w=2, steps=600, stride=10, early_stop=True, patience=60, cosine_steps=300)
+    )
+    assert (
+        np.array_equal(full.t_e, fast.t_e)
+        and np.allclose(full.h, fast.h)
+        and np.allclose(full.m_te, fast.m_te)
+    )
+    assert fast.steps_run.max() < full.steps_run.min()
+    cal = Calibration(
+        w=2, cos_threshold=1.0, m_max=[float(v) for v in full.m_te.max(0)], median_size=3, min_component=0
+    )
+    assert np.array_equal(segment(full, cal).masks, segment(fast, cal).masks)
+    assert np.allclose(full.cosine, fast.cosine)  # the eq. 18 horizon is inside both runs
+
+
+def test_results_do_not_depend_on_batching():
+    torch.manual_seed(1)
+    model = UNet(unet_config("tiny"))
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    x0 = torch.rand(5, 2, 32, 32) * 2 - 1
+    for mode in ("ddim", "ddpm"):
+        a = forward_process(model, x0, FPDMSettings(steps=60, stride=6, mode=mode, batch_size=5), seed=4)
+        b = forward_process(model, x0, FPDMSettings(steps=60, stride=6, mode=mode, batch_size=2), seed=4)
+        assert np.allclose(a.h, b.h, atol=1e-6) and np.array_equal(a.t_e, b.t_e)
+
+
+def test_calibration_helpers_hand_cases():
+    th, acc = best_cosine_threshold([0.2, 0.5, 0.6, 0.9, 0.95], [1, 1, 0, 0, 0])
+    assert th == pytest.approx(0.55) and acc == 1.0  # midpoint between the classes
+    th, acc = best_cosine_threshold([0.2, 0.7, 0.6, 0.9], [1, 1, 0, 0])
+    assert acc == 0.75
+
+    labels = np.array([1] * 100 + [0] * 100)
+
+    def cosines(n_wrong: int) -> np.ndarray:
+        c = np.where(labels == 1, 0.1, 0.9)
+        c[:n_wrong] = 0.95  # unhealthy slices that look healthy: best accuracy (200 - n) / 200
+        return c
+
+    # accuracies 0.80, 0.90, 0.895 (within 99 % of 0.90), 0.85 -> w* = 2, the largest that holds up
+    cos = {0.0: cosines(40), 1.0: cosines(20), 2.0: cosines(21), 4.0: cosines(30)}
+    w_star, table = select_guidance(cos, labels)
+    assert [table[w]["accuracy"] for w in (0.0, 1.0, 2.0, 4.0)] == pytest.approx([0.80, 0.90, 0.895, 0.85])
+    assert w_star == 2.0
+    cos[2.0] = cosines(23)  # 0.885 < 0.891: w* falls back to 1
+    assert select_guidance(cos, labels)[0] == 1.0
+
+
+def test_bad_inputs_are_refused():
+    model = UNet(unet_config("tiny"))
+    with pytest.raises(InputError, match="2 channel"):
+        forward_process(model, torch.zeros(1, 3, 32, 32), FPDMSettings(steps=2))
+    with pytest.raises(InputError, match="32×32"):
+        forward_process(model, torch.zeros(1, 2, 64, 64), FPDMSettings(steps=2))
+    x = torch.zeros(1, 2, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        forward_process(model, x, FPDMSettings(steps=2))
+    with pytest.raises(ValueError, match="exceed"):
+        forward_process(model, torch.zeros(1, 2, 32, 32), FPDMSettings(steps=2000))

@@ -1,0 +1,325 @@
+"""Training machinery shared by the training scripts: EMA, exact resume, atomic checkpoints, loss log.
+
+Checkpoints are a folder ``checkpoint/`` with ``state.safetensors`` (model, EMA and optimizer
+tensors, torch RNG state) and ``state.json`` (iteration, numpy RNG state, loss history, run
+arguments). Nothing is pickled. The folder is written beside the old one and swapped in, so an
+interrupted save never leaves a broken checkpoint. ``--resume`` restores everything, so a resumed
+run continues with exactly the batches, noise and updates the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import AnomalyDiffusionError
+from .progress import CancelToken, ProgressCallback, report
+
+log = logging.getLogger(__name__)
+
+
+class EMA:
+    """Exponential moving average of parameters (and a copy of buffers): θ̄ ← d·θ̄ + (1 − d)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    ema: EMA | None,
+    opt: torch.optim.Optimizer,
+    iteration: int,
+    rng: np.random.Generator,
+    history: list[dict],
+    run: dict,
+) -> None:
+    """Write ``folder/checkpoint`` atomically (new folder written first, then swapped in)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.model.state_dict().items()})
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        "iteration": iteration,
+        "numpy_rng": rng.bit_generator.state,
+        "optimizer": opt_meta,
+        "history": history,
+        "run": run,
+        "ema_decay": None if ema is None else ema.decay,
+    }
+    final = folder / "checkpoint"
+    tmp = folder / ".checkpoint.partial"
+    old = folder / ".checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, default=_json_default))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def load_checkpoint(
+    folder: Path, model: nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, rng: np.random.Generator
+) -> tuple[int, list[dict], dict]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns (iteration, history, run)."""
+    ck = folder / "checkpoint"
+    if not (ck / "state.safetensors").is_file():
+        raise AnomalyDiffusionError(f"no checkpoint to resume in '{folder}'")
+    tensors = load_file(str(ck / "state.safetensors"))
+    meta = json.loads((ck / "state.json").read_text())
+    load_weights(
+        model,
+        {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+        what=f"checkpoint in '{folder}'",
+    )
+    if ema is not None:
+        ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if ema_sd:
+            load_weights(ema.model, ema_sd, what=f"EMA in '{folder}'")
+    _unflatten_optimizer(opt, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["iteration"]), list(meta["history"]), dict(meta["run"])
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Strict load with a message that says which tensors do not fit (another config, another model)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} tensor(s) of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise AnomalyDiffusionError(f"{what} do not fit this model configuration: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------- loss log
+def write_loss_log(folder: Path, history: list[dict], title: str = "training loss") -> None:
+    """``loss.csv`` (iteration, loss, lr, seconds) and ``loss.png`` (raw and smoothed loss)."""
+    if not history:
+        return
+    keys = list(history[0])
+    tmp = folder / ".loss.csv.partial"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, folder / "loss.csv")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.array([h["iteration"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(it, loss, lw=0.6, alpha=0.4, label="loss")
+    if len(loss) >= 10:
+        k = max(5, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(it[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=90)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    """Process-group facts; ``world == 1`` when not launched by ``torchrun``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Initialise DDP when launched by ``torchrun`` (NCCL on GPUs, Gloo on CPU); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise AnomalyDiffusionError("--device cuda was requested but no CUDA GPU is available")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- the loop
+def train_loop(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, np.random.Generator], torch.Tensor],
+    out: Path,
+    iterations: int,
+    lr: float = 1e-4,
+    ema_decay: float = 0.9999,
+    save_every: int = 1000,
+    log_every: int = 10,
+    seed: int = 0,
+    resume: bool = False,
+    run: dict | None = None,
+    amp: bool = False,
+    dist: Dist | None = None,
+    optimizer: str = "adamw",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Generic loop: ``loss_fn(model, rng)`` draws its own batch from ``rng`` and returns a loss.
+
+    AdamW (β 0.9/0.999, no weight decay) or Adam; EMA of weights; bf16 autocast when ``amp`` on a GPU;
+    DDP when ``dist.world > 1`` (each rank draws different batches; rank 0 writes). Returns the EMA
+    model (or the model when ``ema_decay`` is 0) and the loss history.
+    """
+    import time
+
+    dist = dist or Dist()
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(dist.device)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    rng = np.random.default_rng([seed, dist.rank])
+    torch.manual_seed(seed * 1000 + dist.rank)
+    start, history = 0, []
+    if resume:
+        start, history, old_run = load_checkpoint(out, model, ema, opt, rng)
+        if run and old_run.get("model") != run.get("model"):
+            raise AnomalyDiffusionError(
+                f"cannot resume: checkpoint model {old_run.get('model')} differs from {run.get('model')}"
+            )
+        log.info("resumed at iteration %d", start)
+    net: nn.Module = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device] if dist.device.type == "cuda" else None
+        )
+    use_amp = amp and dist.device.type == "cuda"
+    t0 = time.perf_counter()
+    elapsed0 = history[-1]["seconds"] if history else 0.0
+    model.train()
+    for it in range(start, iterations):
+        if cancel is not None:
+            cancel.check()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(net, rng)
+        if not torch.isfinite(loss):
+            raise AnomalyDiffusionError(
+                f"loss became {loss.item()} at iteration {it}; lower the learning rate"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        if (it + 1) % log_every == 0 or it + 1 == iterations:
+            history.append(
+                {
+                    "iteration": it + 1,
+                    "loss": float(loss.item()),
+                    "lr": lr,
+                    "seconds": round(elapsed0 + time.perf_counter() - t0, 2),
+                }
+            )
+        report(progress, "train", (it + 1) / iterations, f"loss {loss.item():.4f}")
+        if dist.main and ((it + 1) % save_every == 0 or it + 1 == iterations):
+            save_checkpoint(out, model, ema, opt, it + 1, rng, history, run or {})
+            write_loss_log(out, history)
+    if dist.main and start >= iterations and history:
+        write_loss_log(out, history)
+    return (ema.model if ema is not None else model), history

@@ -90,9 +90,7 @@ def run_demo(
         "canonical_shape_zyx": list(case.shape),
         "model_slice_size": size,
         "slices": len(idx),
-        "lesion_slices_truth": [int(lesion_slices.min()), int(lesion_slices.max())]
-        if len(lesion_slices)
-        else None,
+        "lesion_slices_truth": [int(lesion_slices.min()), int(lesion_slices.max())] if len(lesion_slices) else None,
         "lesion_slices_roundtrip": [int(found.min()), int(found.max())] if len(found) else None,
         "dice_roundtrip_vs_truth": round(dice(back, truth), 4),
         "lesion_volume_ml": round(float(truth.sum()) * float(np.prod(case.spacing)) / 1000.0, 2),
@@ -135,9 +133,7 @@ def _overview(case, truth: np.ndarray, back: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace, progress) -> int:
     out = Path(args.out)
-    summary = _atomic_folder(
-        out, lambda tmp: run_demo(tmp, seed=args.seed, size=args.size, progress=progress)
-    )
+    summary = _atomic_folder(out, lambda tmp: run_demo(tmp, seed=args.seed, size=args.size, progress=progress))
     print(
         json.dumps(
             {
@@ -252,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--cases", type=int, default=1, help="number of subjects (default 1)")
     ph.add_argument("--seed", type=int, default=0, help="seed of the first subject (default 0)")
     ph.add_argument("--spacing", type=float, default=1.0, help="isotropic voxel size in mm (default 1)")
-    ph.add_argument(
-        "--brats-grid", action="store_true", help="resample onto a 240×240×155, 1 mm BraTS-like grid"
-    )
+    ph.add_argument("--brats-grid", action="store_true", help="resample onto a 240×240×155, 1 mm BraTS-like grid")
     ph.add_argument(
         "--clinical-grid",
         action="store_true",
@@ -262,9 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ph.add_argument("--lesions", type=int, default=None, help="lesions per subject (default: random 1-3)")
     ph.add_argument("--healthy-fraction", type=float, default=0.0, help="fraction of subjects without lesion")
-    ph.add_argument(
-        "--prefix", default="Case", help="subject name prefix (default Case → Case_0, Case_1, ...)"
-    )
+    ph.add_argument("--prefix", default="Case", help="subject name prefix (default Case → Case_0, Case_1, ...)")
     ph.set_defaults(func=_cmd_phantom)
 
     i = sub.add_parser("info", help="print versions, device and data availability")

@@ -242,9 +242,7 @@ class CaseFiles:
     seg: Path | None
 
 
-def find_brats_cases(
-    root: str | os.PathLike, modalities: Sequence[str] = BRATS_MODALITIES
-) -> list[CaseFiles]:
+def find_brats_cases(root: str | os.PathLike, modalities: Sequence[str] = BRATS_MODALITIES) -> list[CaseFiles]:
     """Subjects of a BraTS2021-layout folder: ``<id>/<id>_<modality>.nii[.gz]`` plus ``<id>_seg``."""
     root = Path(root)
     if not root.is_dir():
@@ -347,8 +345,7 @@ def prepare_dataset(
         "min_brain_fraction": min_brain_fraction,
     }
     writers = {
-        name: SliceDatasetWriter(out / name, modalities, size, dtype, meta={**meta, "split": name})
-        for name in split
+        name: SliceDatasetWriter(out / name, modalities, size, dtype, meta={**meta, "split": name}) for name in split
     }
     try:
         for c in tracked(cases, len(cases), "prepare", progress, cancel, "slicing subjects"):
@@ -412,9 +409,7 @@ def phantom_dataset(
         case = case_from_images({m: ph.images[m] for m in modalities})
         seg = case.reorientation.to_canonical(np.asarray(ph.mask, dtype=np.uint8))
         parts.append(
-            slices_from_case(
-                case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction
-            )
+            slices_from_case(case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction)
         )
     ds = SliceDataset.concatenate(parts)
     ds.meta.update({"source": "phantom", "seeds": [seed, seed + n_subjects - 1]})

@@ -47,9 +47,7 @@ class Schedule:
         return {"kind": "linear", **asdict(self)}
 
 
-def extract(
-    values: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def extract(values: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gather ``values[t]`` and shape it ``[N, 1, 1, …]`` to broadcast over an ``ndim`` tensor."""
     return values[t].to(dtype).reshape(-1, *([1] * (ndim - 1)))
 
@@ -140,9 +138,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
         self.out_norm = _norm(out_ch)
-        self.out_layers = nn.Sequential(
-            nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        )
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
@@ -237,9 +233,7 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[-1] != x.shape[-2]:
             raise ValueError(f"UNet expects [N, {cfg.in_channels}, S, S] input, got {tuple(x.shape)}")
         if x.shape[-1] % 2 ** (len(cfg.channel_mult) - 1):
-            raise ValueError(
-                f"input size {x.shape[-1]} is not divisible by {2 ** (len(cfg.channel_mult) - 1)}"
-            )
+            raise ValueError(f"input size {x.shape[-1]} is not divisible by {2 ** (len(cfg.channel_mult) - 1)}")
         emb = self.time_mlp(timestep_embedding(t, cfg.model_channels))
         if y is not None:
             keep = (y != NULL).to(emb.dtype)[:, None]

@@ -131,9 +131,7 @@ def check_input(x0: torch.Tensor | np.ndarray, in_channels: int, image_size: int
     """Validate slices for a model: ``[N, in_channels, image_size, image_size]``, finite."""
     x = torch.as_tensor(np.asarray(x0) if isinstance(x0, np.ndarray) else x0)
     if x.ndim != 4 or x.shape[1] != in_channels:
-        raise InputError(
-            f"the model expects {in_channels} channel(s) per slice, got input of shape {tuple(x.shape)}"
-        )
+        raise InputError(f"the model expects {in_channels} channel(s) per slice, got input of shape {tuple(x.shape)}")
     if x.shape[-2:] != (image_size, image_size):
         raise InputError(f"the model expects {image_size}×{image_size} slices, got {tuple(x.shape[-2:])}")
     if not torch.isfinite(x).all():
@@ -266,9 +264,7 @@ def _run_batch(
                 x0_tilde = x0_tilde.clamp(-1, 1)
             a_t = abar[int(t)].float()
             a_p = abar[int(t_prev)].float()
-            x_t = (
-                a_t.sqrt() * x0_tilde + (1 - a_t).sqrt() * (x_prev - a_p.sqrt() * x0_tilde) / (1 - a_p).sqrt()
-            )
+            x_t = a_t.sqrt() * x0_tilde + (1 - a_t).sqrt() * (x_prev - a_p.sqrt() * x0_tilde) / (1 - a_p).sqrt()
         m = len(active)
         labels = torch.cat([torch.full((m,), HEALTHY, device=dev), torch.full((m,), NULL, device=dev)]).long()
         eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), labels)  # one stacked call per step
@@ -294,9 +290,7 @@ def _run_batch(
         out["mse_u"][rows_np, k] = ((ug - xg) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
         out["steps_run"][rows_np] += 1
         x_prev, eps_prev, t_prev = x_t, eps_n, int(t)
-        report(
-            progress, "fpdm", (sl.start + b * (k + 1) / len(visited)) / n_total, f"step {t + 1}/{st.steps}"
-        )
+        report(progress, "fpdm", (sl.start + b * (k + 1) / len(visited)) / n_total, f"step {t + 1}/{st.steps}")
 
         if st.early_stop and t + st.stride >= st.horizon:
             keep = torch.ones(m, dtype=torch.bool, device=dev)
@@ -411,9 +405,5 @@ def select_guidance(
 def m_max_from(result: ForwardResult, labels: np.ndarray | None = None) -> list[float]:
     """M_max per channel: the largest M_{t_e} over the (image-level) unhealthy validation slices
     (all slices when no label says unhealthy)."""
-    sel = (
-        np.asarray(labels).astype(bool)
-        if labels is not None and np.any(labels)
-        else np.ones(len(result.m_te), bool)
-    )
+    sel = np.asarray(labels).astype(bool) if labels is not None and np.any(labels) else np.ones(len(result.m_te), bool)
     return [float(v) for v in result.m_te[sel].max(0)]

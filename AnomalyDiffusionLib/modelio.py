@@ -73,9 +73,7 @@ def load_unet(
     cfg = UNetConfig.from_dict(meta["config"])
     if expect is not None and cfg != expect:
         diff = {k: (v, getattr(expect, k)) for k, v in cfg.__dict__.items() if getattr(expect, k) != v}
-        raise AnomalyDiffusionError(
-            f"'{path}' was trained with another UNet configuration: {diff} (file, expected)"
-        )
+        raise AnomalyDiffusionError(f"'{path}' was trained with another UNet configuration: {diff} (file, expected)")
     model = UNet(cfg)
     load_weights(model, load_state(path), what=f"weights in '{path}'")
     return model.to(device).eval(), meta

@@ -73,9 +73,7 @@ def template_dir() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     missing = [f for f in TEMPLATE_FILES.values() if not (folder / f).is_file()]
     if missing:
-        raise AnomalyDiffusionError(
-            f"nilearn is installed but lacks the MNI template files: {', '.join(missing)}"
-        )
+        raise AnomalyDiffusionError(f"nilearn is installed but lacks the MNI template files: {', '.join(missing)}")
     return folder
 
 
@@ -99,8 +97,7 @@ def load_anatomy(spacing: float = 1.0) -> Anatomy:
     """MNI ICBM152 tissue maps resampled to ``spacing`` mm (cached; arrays are read-only)."""
     folder = template_dir()
     images = {
-        k: sitk.DICOMOrient(sitk.ReadImage(str(folder / f), sitk.sitkFloat32), "LPS")
-        for k, f in TEMPLATE_FILES.items()
+        k: sitk.DICOMOrient(sitk.ReadImage(str(folder / f), sitk.sitkFloat32), "LPS") for k, f in TEMPLATE_FILES.items()
     }
     ref = images["t1"]
     if spacing != 1.0:
@@ -137,9 +134,7 @@ def load_anatomy(spacing: float = 1.0) -> Anatomy:
 
 
 # --------------------------------------------------------------------------------------- fields
-def smooth_noise(
-    rng: np.random.Generator, shape: Sequence[int], sigma_vox: float, coarse: int = 4
-) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: float, coarse: int = 4) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with correlation length ``sigma_vox`` voxels.
 
     Drawn on a grid ``coarse`` times smaller (when the correlation length allows it) and upsampled,
@@ -349,9 +344,7 @@ def make_subject(seed: int, options: PhantomOptions | None = None) -> PhantomCas
     texture = smooth_noise(rng, labels.shape, 1.0)
     lesion_texture = smooth_noise(rng, labels.shape, 2.5 / opt.spacing)
     heterogeneity = float(rng.uniform(0.05, 0.15))
-    levels = {
-        f"{m}:{c}": float(rng.uniform(*LESION_RANGES[m][c])) for m in MODALITIES for c in LESION_RANGES[m]
-    }
+    levels = {f"{m}:{c}": float(rng.uniform(*LESION_RANGES[m][c])) for m in MODALITIES for c in LESION_RANGES[m]}
     images = {}
     for m in opt.modalities:
         arr = _contrast(
@@ -424,9 +417,7 @@ def brats_grid(like: sitk.Image) -> sitk.Image:
     return make_grid(like, (1.0, 1.0, 1.0), np.eye(3), (240, 240, 155))
 
 
-def oblique_direction(
-    degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)
-) -> np.ndarray:
+def oblique_direction(degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)) -> np.ndarray:
     """A direction matrix rotated by the given angles (about x, y, z) with some axes flipped."""
     ax, ay, az = np.deg2rad(degrees)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -459,11 +450,7 @@ def write_case(
     paths = {}
     for m, im in case.images.items():
         arr = sitk.GetArrayViewFromImage(im)
-        img = (
-            sitk.Cast(sitk.Round(im), pixel)
-            if dtype == "int16" and arr.max() < 32767
-            else sitk.Cast(im, pixel)
-        )
+        img = sitk.Cast(sitk.Round(im), pixel) if dtype == "int16" and arr.max() < 32767 else sitk.Cast(im, pixel)
         paths[m] = write_volume(img, out / f"{name}_{m}{extension}")
     paths["seg"] = write_volume(sitk.Cast(case.labels, sitk.sitkUInt8), out / f"{name}_seg{extension}")
     meta = {

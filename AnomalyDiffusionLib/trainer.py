@@ -299,9 +299,7 @@ def train_loop(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = loss_fn(net, rng)
         if not torch.isfinite(loss):
-            raise AnomalyDiffusionError(
-                f"loss became {loss.item()} at iteration {it}; lower the learning rate"
-            )
+            raise AnomalyDiffusionError(f"loss became {loss.item()} at iteration {it}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -226,9 +226,7 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
-def field_of_view_overlap(
-    moving: sitk.Image, reference: sitk.Image, within: np.ndarray | None = None
-) -> float:
+def field_of_view_overlap(moving: sitk.Image, reference: sitk.Image, within: np.ndarray | None = None) -> float:
     """Fraction of the reference's voxels (or of those where ``within`` is true) that fall inside the
     moving image's field of view, found by resampling a constant image with nearest neighbour."""
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8)
@@ -272,9 +270,7 @@ def align_to_reference(
             f"{name} covers only {100 * overlap:.0f}% of the {reference_name} field of view "
             f"(at least {100 * min_overlap:.0f}% needed); check that both belong to the same patient/session"
         )
-    log.info(
-        "resampling %s onto the %s grid (field-of-view overlap %.1f%%)", name, reference_name, 100 * overlap
-    )
+    log.info("resampling %s onto the %s grid (field-of-view overlap %.1f%%)", name, reference_name, 100 * overlap)
     background = float(sitk.GetArrayViewFromImage(moving).min())
     return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
 
@@ -375,18 +371,14 @@ class Case:
     def to_original(self, canonical: np.ndarray, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
         """Put a canonical ``[z, y, x]`` array back on the reference grid (exact geometry copy)."""
         if canonical.shape != self.shape:
-            raise ValueError(
-                f"array shape {canonical.shape} does not match the case's canonical shape {self.shape}"
-            )
+            raise ValueError(f"array shape {canonical.shape} does not match the case's canonical shape {self.shape}")
         image = sitk.GetImageFromArray(self.reorientation.from_canonical(canonical))
         image = sitk.Cast(image, pixel_type)
         image.CopyInformation(self.reference)
         return image
 
 
-def case_from_images(
-    images: Mapping[str, sitk.Image], min_overlap: float = 0.5, mask_from: str | None = None
-) -> Case:
+def case_from_images(images: Mapping[str, sitk.Image], min_overlap: float = 0.5, mask_from: str | None = None) -> Case:
     """Build a :class:`Case` from already-read images; the first entry is the reference grid.
 
     Other modalities are resampled onto the reference grid when their geometry differs (see
@@ -401,9 +393,7 @@ def case_from_images(
     arrays: dict[str, np.ndarray] = {ref_name: sitk.GetArrayFromImage(canonical_ref)}
     for name in names[1:]:
         moving = check_volume(images[name], name=name)
-        aligned = align_to_reference(
-            moving, reference, name=name, reference_name=ref_name, min_overlap=min_overlap
-        )
+        aligned = align_to_reference(moving, reference, name=name, reference_name=ref_name, min_overlap=min_overlap)
         arrays[name] = reo.to_canonical(sitk.GetArrayFromImage(aligned))
     mask = brain_mask(arrays[mask_from or ref_name])
     return Case(
@@ -415,13 +405,9 @@ def case_from_images(
     )
 
 
-def load_case(
-    paths: Mapping[str, str | os.PathLike], min_overlap: float = 0.5, max_voxels: int = MAX_VOXELS
-) -> Case:
+def load_case(paths: Mapping[str, str | os.PathLike], min_overlap: float = 0.5, max_voxels: int = MAX_VOXELS) -> Case:
     """Read modality volumes (``{"flair": path, "t2": path, ...}``; the first is the reference)."""
-    images = {
-        name: read_volume(path, name=name.upper(), max_voxels=max_voxels) for name, path in paths.items()
-    }
+    images = {name: read_volume(path, name=name.upper(), max_voxels=max_voxels) for name, path in paths.items()}
     case = case_from_images(images, min_overlap=min_overlap)
     case.sources = {name: str(path) for name, path in paths.items()}
     return case
@@ -518,9 +504,7 @@ def _resize(array: np.ndarray, shape: tuple[int, int], kind: str) -> np.ndarray:
     if kind == "image":
         down = shape[0] < array.shape[-2] or shape[1] < array.shape[-1]
         out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=down)
-        return (
-            out.reshape(*lead, *shape).numpy().astype(array.dtype if array.dtype.kind == "f" else np.float32)
-        )
+        return out.reshape(*lead, *shape).numpy().astype(array.dtype if array.dtype.kind == "f" else np.float32)
     if kind == "mask":
         out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False) >= 0.5
         return out.reshape(*lead, *shape).numpy().astype(array.dtype)

@@ -36,10 +36,7 @@ def test_demo_runs_and_matches_its_ground_truth(tmp_path):
     # every axial slice whose lesion covers ≥ 30 mm² (≥ 5 model pixels at 2.4 mm) is recovered;
     # only fragments smaller than the model's pixels may vanish at the lesion's ends
     reo = Reorientation.from_direction(np.asarray(ref.GetDirection()).reshape(3, 3))
-    truth = (
-        reo.to_canonical(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "inputs" / "inputs_seg.nii.gz"))))
-        > 0
-    )
+    truth = reo.to_canonical(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "inputs" / "inputs_seg.nii.gz")))) > 0
     back = reo.to_canonical(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion_roundtrip.nii.gz")))) > 0
     big = truth.sum((1, 2)) >= 30
     assert big.sum() > 10 and back.any((1, 2))[big].all()
@@ -71,10 +68,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
 
 def test_phantom_and_info_commands(tmp_path):
     assert (
-        cli.main(
-            ["--progress", "none", "phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--spacing", "3"]
-        )
-        == 0
+        cli.main(["--progress", "none", "phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--spacing", "3"]) == 0
     )
     assert (tmp_path / "p" / "Case_0" / "Case_0_seg.nii.gz").is_file()
     assert cli.main(["--progress", "none", "info"]) == 0

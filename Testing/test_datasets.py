@@ -34,9 +34,7 @@ def test_split_is_by_patient_complete_disjoint_and_seeded():
 @pytest.fixture(scope="module")
 def brats_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats")
-    write_brats_folder(
-        root, 4, seed=20, options=PhantomOptions(spacing=2.0), prefix="BraTS2021", healthy_fraction=0.25
-    )
+    write_brats_folder(root, 4, seed=20, options=PhantomOptions(spacing=2.0), prefix="BraTS2021", healthy_fraction=0.25)
     return root
 
 

@@ -35,9 +35,7 @@ class GaussianEps(nn.Module):
     def forward(self, x, t, y):
         a = self.abar[t].float().reshape(-1, 1, 1, 1)
         g = 1.0 if self.gain is None else self.gain(t).reshape(-1, 1, 1, 1)
-        mu = torch.where(
-            (y == NULL).reshape(-1, 1, 1, 1), self.mu_null, self.mu_null + g * (self.mu_h - self.mu_null)
-        )
+        mu = torch.where((y == NULL).reshape(-1, 1, 1, 1), self.mu_null, self.mu_null + g * (self.mu_h - self.mu_null))
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * self.sigma**2 + 1 - a)
 
 
@@ -67,9 +65,7 @@ def test_point_mass_model_gives_hand_derived_hgp_ugp_and_m(means, mode):
     mu_h, mu_null = means
     w = 1.5
     model = GaussianEps(mu_h, mu_null, sigma=0.0)
-    x0 = (mu_null + 0.05 * torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1)))[None].repeat(
-        3, 1, 1, 1
-    )
+    x0 = (mu_null + 0.05 * torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1)))[None].repeat(3, 1, 1, 1)
     st = FPDMSettings(w=w, steps=40, stride=4, mode=mode, clip_x0=False)
     r = forward_process(model, x0, st)
     hgp = (1 + w) * mu_h - w * mu_null
@@ -189,18 +185,12 @@ def test_early_stop_gives_the_same_t_e_and_mask_as_the_full_run(means):
     mu_h, mu_null = means
     gain = lambda t: torch.exp(-(((t.float() - 200.0) / 80.0) ** 2))  # noqa: E731
     model = GaussianEps(mu_h, mu_null, sigma=0.3, gain=gain)
-    x0 = mu_null[None].repeat(4, 1, 1, 1) + 0.1 * torch.randn(
-        4, 2, 8, 8, generator=torch.Generator().manual_seed(3)
-    )
+    x0 = mu_null[None].repeat(4, 1, 1, 1) + 0.1 * torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     full = forward_process(model, x0, FPDMSettings(w=2, steps=600, stride=10, cosine_steps=300))
     fast = forward_process(
         model, x0, FPDMSettings(w=2, steps=600, stride=10, early_stop=True, patience=60, cosine_steps=300)
     )
-    assert (
-        np.array_equal(full.t_e, fast.t_e)
-        and np.allclose(full.h, fast.h)
-        and np.allclose(full.m_te, fast.m_te)
-    )
+    assert np.array_equal(full.t_e, fast.t_e) and np.allclose(full.h, fast.h) and np.allclose(full.m_te, fast.m_te)
     assert fast.steps_run.max() < full.steps_run.min()
     cal = Calibration(
         w=2, cos_threshold=1.0, m_max=[float(v) for v in full.m_te.max(0)], median_size=3, min_component=0

@@ -111,9 +111,7 @@ def test_brats_writer_layout_and_oblique_anisotropic_geometry(tmp_path):
 
 
 def test_brats_grid_shape():
-    case = P.make_subject(
-        2, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), brats_grid=True)
-    )
+    case = P.make_subject(2, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), brats_grid=True))
     assert case.images["flair"].GetSize() == (240, 240, 155)
     assert case.images["flair"].GetSpacing() == (1.0, 1.0, 1.0)
     assert case.mask.any()
@@ -121,9 +119,7 @@ def test_brats_grid_shape():
 
 def test_clinical_grid_is_oblique_anisotropic_and_keeps_the_lesion(tmp_path):
     base = P.make_subject(6, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",)))
-    case = P.make_subject(
-        6, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), clinical_grid=True)
-    )
+    case = P.make_subject(6, P.PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",), clinical_grid=True))
     img = case.images["flair"]
     assert img.GetSpacing() == pytest.approx((0.9, 0.9, 3.0))
     d = np.asarray(img.GetDirection()).reshape(3, 3)

@@ -10,9 +10,7 @@ from AnomalyDiffusionLib.metrics import dice
 
 
 def test_real_case_tumour_mask_lands_back_exactly(real_case):
-    case = V.load_case(
-        {"flair": real_case / "TCGA-DU-7294_fla.nii.gz", "t2": real_case / "TCGA-DU-7294_t2.nii.gz"}
-    )
+    case = V.load_case({"flair": real_case / "TCGA-DU-7294_fla.nii.gz", "t2": real_case / "TCGA-DU-7294_t2.nii.gz"})
     seg_img = sitk.ReadImage(str(real_case / "TCGA-DU-7294_seg.nii.gz"))
     seg_file = sitk.GetArrayFromImage(seg_img)
     seg = V.read_labelmap_like(real_case / "TCGA-DU-7294_seg.nii.gz", case, "tumour mask")

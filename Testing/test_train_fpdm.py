@@ -77,11 +77,7 @@ def test_training_lowers_the_loss_and_weights_load_back(data, tmp_path):
     loss = np.array([float(r["loss"]) for r in rows])
     assert loss[-15:].mean() < 0.8 * loss[:5].mean()  # ε-prediction MSE starts near 1
     model, meta = load_unet(tmp_path / "r" / "fpdm.safetensors")
-    assert (
-        meta["modalities"] == ["flair", "t2"]
-        and meta["method"] == "fpdm"
-        and meta["schedule"]["steps"] == 1000
-    )
+    assert meta["modalities"] == ["flair", "t2"] and meta["method"] == "fpdm" and meta["schedule"]["steps"] == 1000
     assert model.config == unet_config("tiny", in_channels=2)
     with pytest.raises(AnomalyDiffusionError, match="another UNet configuration"):
         load_unet(tmp_path / "r" / "fpdm.safetensors", expect=unet_config("small"))

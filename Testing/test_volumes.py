@@ -43,15 +43,11 @@ def test_read_rejects_bad_inputs_with_one_clear_message(tmp_path):
     with pytest.raises(InputError, match="2-D"):
         V.read_volume(tmp_path / "2d.nii.gz", "FLAIR")
 
-    sitk.WriteImage(
-        sitk.JoinSeries([image(head((5, 6, 7), seed=s)) for s in range(3)]), str(tmp_path / "4d.nii.gz")
-    )
+    sitk.WriteImage(sitk.JoinSeries([image(head((5, 6, 7), seed=s)) for s in range(3)]), str(tmp_path / "4d.nii.gz"))
     with pytest.raises(InputError, match="4-D"):
         V.read_volume(tmp_path / "4d.nii.gz", "FLAIR")
 
-    vec = sitk.GetImageFromArray(
-        np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32), isVector=True
-    )
+    vec = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32), isVector=True)
     sitk.WriteImage(vec, str(tmp_path / "rgb.nrrd"))
     with pytest.raises(InputError, match="components per voxel"):
         V.read_volume(tmp_path / "rgb.nrrd", "FLAIR")
@@ -171,9 +167,7 @@ def test_canonical_axial_slice_is_superior_and_radiological():
 
 
 # ---------------------------------------------------------------------------------- alignment
-def cube_image(
-    spacing, origin, direction=None, shape=(40, 48, 56), centre_mm=(20.0, 24.0, 18.0), half_mm=6.0
-):
+def cube_image(spacing, origin, direction=None, shape=(40, 48, 56), centre_mm=(20.0, 24.0, 18.0), half_mm=6.0):
     """Image whose bright cube sits at a known physical place, whatever the grid."""
     ref = image(np.zeros(shape, np.float32), spacing, origin, direction)
     z, y, x = np.indices(shape)
@@ -189,9 +183,7 @@ def cube_image(
 def test_t2_on_a_different_grid_is_aligned_to_flair():
     flair = cube_image((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     # other spacing, shifted origin, x axis flipped (origin on the far side so the field covers the cube)
-    t2 = cube_image(
-        (1.5, 0.8, 2.0), (60.0, -4.1, -3.0), direction=np.diag([-1.0, 1.0, 1.0]), shape=(30, 70, 50)
-    )
+    t2 = cube_image((1.5, 0.8, 2.0), (60.0, -4.1, -3.0), direction=np.diag([-1.0, 1.0, 1.0]), shape=(30, 70, 50))
     case = V.case_from_images({"flair": flair, "t2": t2})
     f, t = case.arrays["flair"] > 250, case.arrays["t2"] > 250
     assert t.sum() > 0.5 * f.sum()
@@ -305,9 +297,7 @@ def test_slice_reassemble_round_trip_is_exact(direction, spacing):
     assert np.array_equal(case.reorientation.to_canonical(sitk.GetArrayFromImage(heat)), expected)
     labels = (images[:, 0] > 0).astype(np.uint8)
     lab = V.reassemble(case, labels, idx, fit, kind="label")
-    assert np.array_equal(
-        case.reorientation.to_canonical(sitk.GetArrayFromImage(lab)), (expected > 0).astype(np.uint8)
-    )
+    assert np.array_equal(case.reorientation.to_canonical(sitk.GetArrayFromImage(lab)), (expected > 0).astype(np.uint8))
     for out in (heat, lab):
         assert out.GetSize() == img.GetSize()
         assert out.GetSpacing() == img.GetSpacing()
@@ -324,9 +314,7 @@ def test_slice_reassemble_round_trip_is_exact(direction, spacing):
 def test_outputs_written_to_file_carry_the_input_geometry_exactly(tmp_path, ext):
     """Formats that store doubles as text (NRRD, MetaImage) keep the copied geometry bit for bit."""
     d = oblique_direction((11, -4, 33), flip=(0,))
-    V.write_volume(
-        image(head(), spacing=(0.9, 0.9, 3.3), origin=(1.1, -2.3, 50.7), direction=d), tmp_path / f"in{ext}"
-    )
+    V.write_volume(image(head(), spacing=(0.9, 0.9, 3.3), origin=(1.1, -2.3, 50.7), direction=d), tmp_path / f"in{ext}")
     case = V.load_case({"flair": tmp_path / f"in{ext}"})
     images, idx, fit = V.case_slices(case, size=32)
     V.write_volume(V.reassemble(case, images[:, 0] > 0, idx, fit, kind="label"), tmp_path / f"out{ext}")

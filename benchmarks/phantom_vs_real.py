@@ -42,10 +42,7 @@ def main() -> None:
         rows.append(
             (
                 "real TCGA-DU-7294",
-                {
-                    k: canonical(sitk.ReadImage(str(args.real / f"TCGA-DU-7294_{f}.nii.gz")))
-                    for k, f in FILES.items()
-                },
+                {k: canonical(sitk.ReadImage(str(args.real / f"TCGA-DU-7294_{f}.nii.gz"))) for k, f in FILES.items()},
             )
         )
     for seed in args.seeds:

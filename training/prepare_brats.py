@@ -36,12 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="dataset root (BraTS: one folder per subject; ATLAS: BIDS tree)",
     )
-    p.add_argument(
-        "--out", required=True, type=Path, help="output folder for train/, val/, test/ and split.json"
-    )
-    p.add_argument(
-        "--layout", choices=("brats", "atlas"), default="brats", help="folder layout (default: brats)"
-    )
+    p.add_argument("--out", required=True, type=Path, help="output folder for train/, val/, test/ and split.json")
+    p.add_argument("--layout", choices=("brats", "atlas"), default="brats", help="folder layout (default: brats)")
     p.add_argument(
         "--modalities",
         default=None,
@@ -78,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.layout == "brats":
             mods = tuple(args.modalities.split(",")) if args.modalities else BRATS_MODALITIES

@@ -12,7 +12,8 @@ Outputs in --out: fpdm.safetensors (EMA weights + config in its metadata), loss.
 checkpoint/ (for --resume, which continues exactly), train_args.json.
 
 Examples:
-  python training/train_fpdm.py --data data/brats128 --config paper --batch-size 64 --iterations 210000 --amp --out runs/fpdm
+  python training/train_fpdm.py --data data/brats128 --config paper --batch-size 64 --iterations 210000 \
+      --amp --out runs/fpdm
   torchrun --nproc_per_node 2 training/train_fpdm.py --data data/brats128 --config paper --out runs/fpdm   # DDP
   python training/train_fpdm.py --phantom 24 --config small --image-size 64 --iterations 6000 --out runs/fpdm_small
 """
@@ -49,17 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--data", type=Path, help="slice dataset folder from prepare_brats.py (its train/ split if present)"
     )
-    src.add_argument(
-        "--phantom", type=int, metavar="N", help="train on N synthetic phantom subjects generated now"
-    )
+    src.add_argument("--phantom", type=int, metavar="N", help="train on N synthetic phantom subjects generated now")
     p.add_argument(
         "--modalities",
         default="flair,t2",
         help="channels to train on, in order (default flair,t2; BraTS may use flair,t1,t1ce,t2)",
     )
-    p.add_argument(
-        "--phantom-seed", type=int, default=1000, help="seed of the first phantom subject (default 1000)"
-    )
+    p.add_argument("--phantom-seed", type=int, default=1000, help="seed of the first phantom subject (default 1000)")
     p.add_argument(
         "--phantom-healthy-fraction",
         type=float,
@@ -92,24 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--p-uncond", type=float, default=0.1, help="probability of replacing the label by null (default 0.1)"
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed for batches, noise and initialisation (default 0)"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed for batches, noise and initialisation (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from --out/checkpoint exactly where it stopped"
-    )
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint exactly where it stopped")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations (default 500)")
-    p.add_argument(
-        "--log-every", type=int, default=10, help="record the loss every N iterations (default 10)"
-    )
-    p.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: GPU when present"
-    )
+    p.add_argument("--log-every", type=int, default=10, help="record the loss every N iterations (default 10)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: GPU when present")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (ignored on CPU)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -143,9 +130,7 @@ def load_data(args, size: int, modalities: tuple[str, ...]) -> SliceDataset:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = None
@@ -157,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         images = ds.channels(modalities)
         labels = np.asarray(ds.labels).astype(np.int64)
         if dist.world > 1 and args.batch_size % dist.world:
-            raise AnomalyDiffusionError(
-                f"--batch-size {args.batch_size} is not divisible by {dist.world} processes"
-            )
+            raise AnomalyDiffusionError(f"--batch-size {args.batch_size} is not divisible by {dist.world} processes")
         per_rank = args.batch_size // dist.world
         schedule = Schedule()
         abar = schedule.tensor(dist.device)

@@ -164,24 +164,54 @@ def forward_process(
     batch there (their mask is empty anyway). ``seed`` fixes the noise (per slice, independent of
     batching).
     """
+    return forward_process_multi(
+        model, x0, settings, [settings.w], schedule, seed, device, cos_threshold, progress, cancel
+    )[settings.w]
+
+
+@torch.no_grad()
+def forward_process_multi(
+    model: nn.Module,
+    x0: torch.Tensor | np.ndarray,
+    settings: FPDMSettings,
+    ws: list[float],
+    schedule: Schedule | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    cos_threshold: float | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> dict[float, ForwardResult]:
+    """:func:`forward_process` for several guidance strengths from the *same* network calls.
+
+    x_t and the two ε do not depend on w (DDIM: the trajectory is driven by ε_∅; DDPM: the noise is
+    seeded), only the guided combination (eq. 6) does, so calibrating K candidate w costs one pass.
+    Early stop applies only to a single w.
+    """
     cfg = getattr(model, "config", None)
     x0 = check_input(x0, cfg.in_channels, cfg.image_size) if cfg is not None else torch.as_tensor(x0).float()
     schedule = schedule or Schedule()
     if settings.steps > schedule.steps:
         raise ValueError(f"{settings.steps} forward steps exceed the schedule's T = {schedule.steps}")
+    ws = [float(w) for w in ws]
+    if len(ws) > 1 and settings.early_stop:
+        raise ValueError("early stop works with one guidance strength at a time")
     n = x0.shape[0]
     chans = list(settings.map_channels) if settings.map_channels is not None else list(range(x0.shape[1]))
     k_steps = len(settings.visited)
-    out = {
-        "m": np.full((n, k_steps, len(chans)), np.nan, np.float32),
-        "mse_h": np.full((n, k_steps), np.nan, np.float32),
-        "mse_u": np.full((n, k_steps), np.nan, np.float32),
-        "t_e": np.zeros((n, len(chans)), np.int64),
-        "m_te": np.zeros((n, len(chans)), np.float32),
-        "h": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
-        "s_te": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
-        "steps_run": np.zeros(n, np.int64),
-    }
+    outs = [
+        {
+            "m": np.full((n, k_steps, len(chans)), np.nan, np.float32),
+            "mse_h": np.full((n, k_steps), np.nan, np.float32),
+            "mse_u": np.full((n, k_steps), np.nan, np.float32),
+            "t_e": np.zeros((n, len(chans)), np.int64),
+            "m_te": np.zeros((n, len(chans)), np.float32),
+            "h": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
+            "s_te": np.zeros((n, len(chans), *x0.shape[-2:]), np.float32),
+            "steps_run": np.zeros(n, np.int64),
+        }
+        for _ in ws
+    ]
     calls = 0
     was_training = model.training
     model.eval()
@@ -189,59 +219,37 @@ def forward_process(
         for start in range(0, n, settings.batch_size):
             sl = slice(start, min(n, start + settings.batch_size))
             calls += _run_batch(
-                model,
-                x0[sl],
-                settings,
-                schedule,
-                seed,
-                start,
-                chans,
-                device,
-                cos_threshold,
-                out,
-                sl,
-                progress,
-                cancel,
-                n,
+                model, x0[sl], settings, ws, schedule, seed, chans, device, cos_threshold, outs, sl, progress, cancel, n
             )
     finally:
         model.train(was_training)
     horizon = settings.visited < settings.horizon
-    cos = _cosine(np.nan_to_num(out["mse_h"][:, horizon]), np.nan_to_num(out["mse_u"][:, horizon]))
-    return ForwardResult(steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, **out)
+    results = {}
+    for w, out in zip(ws, outs, strict=True):
+        cos = _cosine(np.nan_to_num(out["mse_h"][:, horizon]), np.nan_to_num(out["mse_u"][:, horizon]))
+        results[w] = ForwardResult(steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, **out)
+    return results
 
 
 def _run_batch(
-    model,
-    x0,
-    st: FPDMSettings,
-    schedule,
-    seed,
-    offset,
-    chans,
-    device,
-    cos_threshold,
-    out,
-    sl,
-    progress,
-    cancel,
-    n_total,
+    model, x0, st: FPDMSettings, ws, schedule, seed, chans, device, cos_threshold, outs, sl, progress, cancel, n_total
 ) -> int:
     dev = torch.device(device)
     abar = schedule.tensor(dev)
     x0 = x0.to(dev)
     b = x0.shape[0]
-    gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + offset + i) for i in range(b)]
+    gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + sl.start + i) for i in range(b)]
 
     def noise(rows: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.randn(x0.shape[1:], generator=gens[int(r)]) for r in rows]).to(dev)
 
+    nw = len(ws)
     c_idx = torch.tensor(chans, device=dev)
-    run_sum = torch.zeros(b, len(chans), *x0.shape[-2:], device=dev)
-    h_best = torch.zeros_like(run_sum)
-    s_best = torch.zeros_like(run_sum)
-    m_best = torch.full((b, len(chans)), -1.0, device=dev)
-    t_e = torch.zeros(b, len(chans), dtype=torch.long, device=dev)
+    run_sum = torch.zeros(nw, b, len(chans), *x0.shape[-2:], device=dev)  # Σ S_t so far (eq. 20)
+    h_best = torch.zeros_like(run_sum)  # H at the running argmax of M_t
+    s_best = torch.zeros_like(run_sum)  # S at the running argmax of M_t
+    m_best = torch.full((nw, b, len(chans)), -1.0, device=dev)
+    t_e = torch.zeros(nw, b, len(chans), dtype=torch.long, device=dev)
     count = torch.zeros(b, device=dev)
     active = torch.arange(b, device=dev)  # rows still running, in state order
     x_prev = eps_prev = None
@@ -270,25 +278,29 @@ def _run_batch(
         eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), labels)  # one stacked call per step
         calls += 1
         eps_h, eps_n = eps[:m], eps[m:]
-        hgp = predict_x0(x_t, tt, (1 + st.w) * eps_h - st.w * eps_n, abar)  # eqs. 6-7
         ugp = predict_x0(x_t, tt, eps_n if st.unguided == "null" else eps_h, abar)  # eq. 10 / reference code
-        hg, ug, xg = hgp[:, c_idx], ugp[:, c_idx], xa[:, c_idx]
-        m_t = ((hg - ug) ** 2).mean(dim=(-2, -1))  # eq. 12, per channel
-        s_t = (hg - xg) ** 2  # eq. 19
-        run_sum[active] += s_t
+        ug, xg = ugp[:, c_idx], xa[:, c_idx]
+        mse_u = ((ug - xg) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
         count[active] += 1
-        better = m_t > m_best[active]  # [m, C']
-        rows = active[:, None].expand_as(better)
-        m_best[active] = torch.where(better, m_t, m_best[active])
-        t_e[active] = torch.where(better, torch.full_like(t_e[active], int(t)), t_e[active])
-        avg = run_sum[active] / count[active][:, None, None, None]  # eq. 20 up to the current step
-        h_best[rows[better], better.nonzero()[:, 1]] = avg[better]
-        s_best[rows[better], better.nonzero()[:, 1]] = s_t[better]
         rows_np = (active + sl.start).cpu().numpy()
-        out["m"][rows_np, k] = m_t.cpu().numpy()
-        out["mse_h"][rows_np, k] = s_t.mean(dim=(1, 2, 3)).cpu().numpy()
-        out["mse_u"][rows_np, k] = ((ug - xg) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
-        out["steps_run"][rows_np] += 1
+        for wi, w in enumerate(ws):
+            hgp = predict_x0(x_t, tt, (1 + w) * eps_h - w * eps_n, abar)  # eqs. 6-7
+            hg = hgp[:, c_idx]
+            m_t = ((hg - ug) ** 2).mean(dim=(-2, -1))  # eq. 12, per channel
+            s_t = (hg - xg) ** 2  # eq. 19
+            run_sum[wi, active] += s_t
+            better = m_t > m_best[wi, active]  # [m, C']
+            m_best[wi, active] = torch.where(better, m_t, m_best[wi, active])
+            t_e[wi, active] = torch.where(better, torch.full_like(t_e[wi, active], int(t)), t_e[wi, active])
+            r, c = better.nonzero(as_tuple=True)
+            avg = run_sum[wi, active[r], c] / count[active[r]][:, None, None]  # eq. 20 up to this step
+            h_best[wi, active[r], c] = avg
+            s_best[wi, active[r], c] = s_t[r, c]
+            out = outs[wi]
+            out["m"][rows_np, k] = m_t.cpu().numpy()
+            out["mse_h"][rows_np, k] = s_t.mean(dim=(1, 2, 3)).cpu().numpy()
+            out["mse_u"][rows_np, k] = mse_u
+            out["steps_run"][rows_np] += 1
         x_prev, eps_prev, t_prev = x_t, eps_n, int(t)
         report(progress, "fpdm", (sl.start + b * (k + 1) / len(visited)) / n_total, f"step {t + 1}/{st.steps}")
 
@@ -296,16 +308,17 @@ def _run_batch(
             keep = torch.ones(m, dtype=torch.bool, device=dev)
             if cos_threshold is not None and t < st.horizon <= t + st.stride:
                 hz = visited < st.horizon
-                cos = _cosine(out["mse_h"][rows_np][:, hz], out["mse_u"][rows_np][:, hz])
+                cos = _cosine(outs[0]["mse_h"][rows_np][:, hz], outs[0]["mse_u"][rows_np][:, hz])
                 keep &= torch.as_tensor(cos <= cos_threshold, device=dev)  # healthy slices stop here
-            past = (int(t) - t_e[active] >= st.patience) & (m_t < st.drop * m_best[active])
+            past = (int(t) - t_e[0, active] >= st.patience) & (m_t < st.drop * m_best[0, active])
             keep &= ~past.all(dim=1)
             if not keep.all():
                 active, x_prev, eps_prev = active[keep], x_prev[keep], eps_prev[keep]
-    out["t_e"][sl] = t_e.cpu().numpy()
-    out["m_te"][sl] = m_best.clamp(min=0).cpu().numpy()
-    out["h"][sl] = h_best.cpu().numpy()
-    out["s_te"][sl] = s_best.cpu().numpy()
+    for wi, out in enumerate(outs):
+        out["t_e"][sl] = t_e[wi].cpu().numpy()
+        out["m_te"][sl] = m_best[wi].clamp(min=0).cpu().numpy()
+        out["h"][sl] = h_best[wi].cpu().numpy()
+        out["s_te"][sl] = s_best[wi].cpu().numpy()
     return calls
 
 

@@ -14,6 +14,7 @@ from AnomalyDiffusionLib.fpdm import (
     FPDMSettings,
     best_cosine_threshold,
     forward_process,
+    forward_process_multi,
     quantile_level,
     remove_small_components,
     segment,
@@ -113,6 +114,12 @@ def test_ddim_m_t_scales_with_one_plus_w_squared_and_code_form_w0_is_zero():
         rw = forward_process(model, x0, FPDMSettings(w=w, steps=200, stride=20))
         assert np.allclose(rw.m, (1 + w) ** 2 * r0.m, rtol=1e-4, atol=1e-9)
         assert np.allclose(rw.mse_u, r0.mse_u, rtol=1e-6)  # same trajectory and UGP
+    multi = forward_process_multi(model, x0, FPDMSettings(steps=200, stride=20), [0.0, 0.5, 3.0])
+    for w in (0.0, 3.0):  # one pass for several w gives what separate passes give
+        single = forward_process(model, x0, FPDMSettings(w=w, steps=200, stride=20))
+        assert np.allclose(multi[w].h, single.h, atol=1e-7) and np.array_equal(multi[w].t_e, single.t_e)
+        assert np.allclose(multi[w].cosine, single.cosine)
+    assert multi[0.5].network_calls == len(FPDMSettings(steps=200, stride=20).visited)
     rc = forward_process(model, x0, FPDMSettings(w=0.0, steps=200, stride=20, unguided="healthy"))
     assert np.all(rc.m == 0) and np.allclose(rc.mse_h, rc.mse_u)
     assert r0.m.max() > 0

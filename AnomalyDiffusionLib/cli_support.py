@@ -26,17 +26,28 @@ def parse_slice_range(text: str | None) -> tuple[int | None, int | None]:
 
 
 class TqdmProgress:
-    """Progress callback drawing one tqdm bar per stage (silent when stderr is not a terminal,
-    unless ``force``). Use as a context manager so the last bar is closed."""
+    """Progress callback drawing one tqdm bar per stage on a terminal. When the stream is not a
+    terminal (a log file, a batch job) it prints a plain line each time a stage passes another
+    ``plain_step`` of its work instead. Use as a context manager so the last bar is closed."""
 
-    def __init__(self, force: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, force: bool = False, stream: TextIO | None = None, plain_step: float = 0.1) -> None:
         self.stream = stream or sys.stderr
         self.enabled = force or self.stream.isatty()
+        self.plain_step = plain_step
         self._bar = None
         self._stage = None
+        self._next = 0.0
+        self._t0 = time.monotonic()
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if not self.enabled:
+            if stage != self._stage:
+                self._stage, self._next = stage, 0.0
+            if fraction >= self._next or (fraction >= 1.0 and self._next <= 1.0):
+                elapsed = time.monotonic() - self._t0
+                self.stream.write(f"[{elapsed:7.1f} s] {stage}: {100 * fraction:5.1f}% {message}\n")
+                self.stream.flush()
+                self._next = (int(fraction / self.plain_step) + 1) * self.plain_step
             return
         from tqdm import tqdm
 

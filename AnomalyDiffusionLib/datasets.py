@@ -414,3 +414,44 @@ def phantom_dataset(
     ds = SliceDataset.concatenate(parts)
     ds.meta.update({"source": "phantom", "seeds": [seed, seed + n_subjects - 1]})
     return ds
+
+
+def load_or_make(
+    data: str | os.PathLike | None,
+    split: str,
+    phantom: int | None,
+    modalities: Sequence[str],
+    size: int,
+    phantom_seed: int = 5000,
+    healthy_fraction: float = 0.25,
+    spacing: float = 2.0,
+    max_slices: int | None = None,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, SliceDataset]:
+    """Slices for calibration/evaluation scripts: ``data/split`` of a prepared dataset (or ``data``
+    itself) or ``phantom`` synthetic subjects. Returns (images [N, C, S, S] float32 restricted to
+    ``modalities``, dataset), with a seeded random subset of at most ``max_slices``."""
+    if (data is None) == (phantom is None):
+        raise InputError("give exactly one of --data or --phantom")
+    if data is not None:
+        root = Path(data)
+        folder = root / split if (root / split / "meta.json").is_file() else root
+        ds = SliceDataset.load(folder)
+        if ds.size != size:
+            raise InputError(f"dataset slices are {ds.size}×{ds.size} but the model expects {size}×{size}")
+    else:
+        from .phantom import PhantomOptions
+
+        ds = phantom_dataset(
+            phantom,
+            seed=phantom_seed,
+            modalities=modalities,
+            size=size,
+            healthy_fraction=healthy_fraction,
+            options=PhantomOptions(spacing=spacing),
+            progress=progress,
+        )
+    if max_slices is not None and len(ds) > max_slices:
+        ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))
+    return np.asarray(ds.channels(modalities), dtype=np.float32), ds

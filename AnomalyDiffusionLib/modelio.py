@@ -77,3 +77,39 @@ def load_unet(
     model = UNet(cfg)
     load_weights(model, load_state(path), what=f"weights in '{path}'")
     return model.to(device).eval(), meta
+
+
+def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """Load a UNet from a weights file, or from a training run folder: its final ``*.safetensors``
+    weights if present, else the EMA weights of its latest ``checkpoint/`` (to inspect a run that is
+    still training)."""
+    p = Path(path)
+    if p.is_file():
+        return load_unet(p, device=device)
+    if not p.is_dir():
+        raise AnomalyDiffusionError(f"model not found: '{p}'")
+    finals = sorted(p.glob("fpdm.safetensors"))
+    if finals:
+        return load_unet(finals[0], device=device)
+    ck = p / "checkpoint"
+    if not (ck / "state.json").is_file():
+        raise AnomalyDiffusionError(f"'{p}' holds neither fpdm.safetensors nor a checkpoint/")
+    meta = json.loads((ck / "state.json").read_text())
+    cfg = UNetConfig.from_dict(meta["run"]["model"])
+    tensors = load_state(ck / "state.safetensors")
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+    model = UNet(cfg)
+    load_weights(
+        model, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, f"checkpoint in '{p}'"
+    )
+    args = meta["run"].get("args", {})
+    mods = [m.strip() for m in str(args.get("modalities", "flair,t2")).split(",")]
+    info = {
+        "kind": "unet",
+        "config": cfg.as_dict(),
+        "modalities": mods,
+        "iterations": meta["iteration"],
+        "method": "fpdm",
+        "from_checkpoint": True,
+    }
+    return model.to(device).eval(), info

@@ -100,3 +100,49 @@ def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(AnomalyDiffusionError, match="not a readable safetensors"):
         load_unet(tmp_path / "junk.safetensors")
+
+
+def test_calibrate_then_evaluate_scripts(data, tmp_path):
+    """calibrate_fpdm.py reads only the val split's image-level labels; evaluate_fpdm.py the test split."""
+    import json
+
+    import calibrate_fpdm
+    import evaluate_fpdm
+
+    root = tmp_path / "prepared"
+    for split, seed in (("val", 50), ("test", 60)):
+        phantom_dataset(2, seed=seed, size=32, healthy_fraction=0.5, options=PhantomOptions(spacing=3.0)).save(
+            root / split
+        )
+    assert run(tmp_path / "m", data, 20) == 0
+    model = tmp_path / "m" / "fpdm.safetensors"
+    common = ["--model", str(model), "--data", str(root), "--steps", "200", "--stride", "50", "--max-slices", "40"]
+    for mode in ("ddim", "ddpm"):
+        assert calibrate_fpdm.main([*common, "--mode", mode, "--w", "0,1,3", "--threads", "1"]) == 0
+        rep = json.loads((tmp_path / "m" / f"calibration_fpdm_{mode}.json").read_text())
+        assert rep["validation"]["pixel_labels_used"] is False and rep["validation"]["slices"] == 40
+        assert rep["calibration"]["w"] in (0.0, 1.0, 3.0) and len(rep["calibration"]["m_max"]) == 2
+        assert rep["settings"]["mode"] == mode and rep["settings"]["w"] == rep["calibration"]["w"]
+    assert (
+        evaluate_fpdm.main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(root),
+                "--max-slices",
+                "30",
+                "--out",
+                str(tmp_path / "eval"),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    methods = [r["method"] for r in res["rows"]]
+    assert methods[:4] == ["AnoFPDM (DDIM)", "AnoFPDM (DDIM S_te)", "AnoFPDM (DDPM)", "AnoFPDM (DDPM S_te)"]
+    assert methods[4].startswith("FLAIR threshold")
+    for name in ("results.md", "results.csv", "m_curves.png", "grid.png"):
+        assert (tmp_path / "eval" / name).is_file()

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Calibrate AnoFPDM on validation slices with image-level labels only (AnoFPDM section 4.2).
+
+For every candidate guidance strength w: run the forward process, compute each slice's cosine
+similarity of the guided and unguided MSE sequences (eq. 18), and choose the threshold that best
+separates healthy from unhealthy slices. w* = the largest w whose accuracy stays within 99 % of the
+best. M_max = the largest M_{t_e} (per channel) over the validation slices labelled unhealthy. No
+pixel labels are read. All candidate w share one forward pass.
+
+Writes calibration_fpdm_<mode>.json (settings for inference, the calibration, the table per w) and
+calibration_fpdm_<mode>.png (accuracy vs w, as in Fig. 5a) into --out (default: the model's folder).
+The cosine threshold depends on the encoding, so each mode (ddim, ddpm) is calibrated separately.
+
+Examples:
+  python training/calibrate_fpdm.py --model runs/fpdm/fpdm.safetensors --data data/brats128 --max-slices 1000
+  python training/calibrate_fpdm.py --model runs/fpdm_small --phantom 6 --w 0,1,2,3,5 --stride 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from AnomalyDiffusionLib.cli_support import TqdmProgress
+from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.errors import AnomalyDiffusionError
+from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, forward_process_multi, m_max_from, select_guidance
+from AnomalyDiffusionLib.modelio import load_unet_any
+
+
+def add_forward_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with evaluate_fpdm.py: how the forward process runs."""
+    p.add_argument("--mode", choices=("ddim", "ddpm"), default="ddim", help="encoding (default ddim)")
+    p.add_argument(
+        "--unguided",
+        choices=("null", "healthy"),
+        default="null",
+        help="unguided prediction: null label (paper eq. 10, default) or healthy label with w=0 (reference code)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=600, help="forward steps of T=1000 (default 600, as the reference code)"
+    )
+    p.add_argument("--stride", type=int, default=1, help="visit every N-th step (default 1; CPU runs use 10-20)")
+    p.add_argument("--cosine-steps", type=int, default=None, help="horizon of the cosine sequences (default: --steps)")
+    p.add_argument("--map-modalities", default="flair,t2", help="channels used for M_t and maps (default flair,t2)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per network batch (default 32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def device_of(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AnomalyDiffusionError("--device cuda was requested but no CUDA GPU is available")
+    return name
+
+
+def map_channels(model_modalities: list[str], wanted: str) -> tuple[int, ...]:
+    names = [m.strip() for m in wanted.split(",")]
+    missing = [m for m in names if m not in model_modalities]
+    if missing:
+        raise AnomalyDiffusionError(f"map modalities {missing} are not among the model's {model_modalities}")
+    return tuple(model_modalities.index(m) for m in names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, type=Path, help="fpdm.safetensors, or a training run folder")
+    p.add_argument("--data", type=Path, help="prepared slice dataset (its val/ split is used)")
+    p.add_argument("--phantom", type=int, metavar="N", help="use N synthetic validation subjects instead")
+    p.add_argument("--phantom-seed", type=int, default=5000, help="seed of the first phantom subject (default 5000)")
+    p.add_argument("--max-slices", type=int, default=1000, help="random subset size (default 1000, as the paper)")
+    p.add_argument("--w", default="0,0.5,1,2,3,5", help="candidate guidance strengths (default 0,0.5,1,2,3,5)")
+    p.add_argument("--tolerance", type=float, default=0.99, help="w* keeps this fraction of the best accuracy")
+    p.add_argument("--a", type=float, default=0.90, help="lowest quantile of Algorithm 1 (default 0.90)")
+    p.add_argument("--b", type=float, default=0.98, help="highest quantile of Algorithm 1 (default 0.98)")
+    p.add_argument("--median-size", type=int, default=5, help="median filter size before thresholding (default 5)")
+    p.add_argument("--min-component", type=int, default=40, help="remove components ≤ this at 128² (default 40)")
+    add_forward_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the model's folder)")
+    return p
+
+
+def calibrate(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    model, meta = load_unet_any(args.model, device=device)
+    mods = list(meta["modalities"])
+    chans = map_channels(mods, args.map_modalities)
+    with TqdmProgress() as progress:
+        x, ds = load_or_make(
+            args.data,
+            "val",
+            args.phantom,
+            mods,
+            model.config.image_size,
+            args.phantom_seed,
+            max_slices=args.max_slices,
+            seed=args.seed,
+            progress=progress,
+        )
+        labels = np.asarray(ds.labels).astype(bool)
+        if labels.all() or not labels.any():
+            raise AnomalyDiffusionError("validation needs both healthy and unhealthy slices (image-level labels)")
+        ws = sorted(float(w) for w in args.w.split(","))
+        st = FPDMSettings(
+            w=ws[0],
+            steps=args.steps,
+            stride=args.stride,
+            mode=args.mode,
+            unguided=args.unguided,
+            map_channels=chans,
+            cosine_steps=args.cosine_steps,
+            batch_size=args.batch_size,
+        )
+        t0 = time.perf_counter()
+        results = forward_process_multi(model, x, st, ws, seed=args.seed, device=device, progress=progress)
+        seconds = time.perf_counter() - t0
+    w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
+    best = results[w_star]
+    cal = Calibration(
+        w=w_star,
+        cos_threshold=table[w_star]["threshold"],
+        m_max=m_max_from(best, labels),
+        a=args.a,
+        b=args.b,
+        median_size=args.median_size,
+        min_component=args.min_component,
+    )
+    settings = FPDMSettings(**{**st.__dict__, "w": w_star})
+    return {
+        "method": "fpdm",
+        "model": str(args.model),
+        "model_iterations": meta.get("iterations"),
+        "settings": settings.as_dict(),
+        "calibration": cal.as_dict(),
+        "table": {str(w): v for w, v in table.items()},
+        "validation": {
+            "slices": len(labels),
+            "unhealthy": int(labels.sum()),
+            "source": str(args.data) if args.data else f"phantom x{args.phantom} seed {args.phantom_seed}",
+            "pixel_labels_used": False,
+        },
+        "seconds": round(seconds, 1),
+        "network_calls": best.network_calls,
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [float(w) for w in report["table"]]
+    acc = [v["accuracy"] for v in report["table"].values()]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(ws, acc, "o-")
+    ax.axvline(report["calibration"]["w"], color="k", ls="--", lw=1, label=f"w* = {report['calibration']['w']:g}")
+    ax.axhline(max(acc) * 0.99, color="grey", lw=0.8, ls=":", label="99 % of best")
+    ax.set_xlabel("guidance strength w")
+    ax.set_ylabel("validation accuracy (cosine)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = calibrate(args)
+    except (AnomalyDiffusionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or (args.model if args.model.is_dir() else args.model.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"calibration_fpdm_{args.mode}"
+    tmp = out / f".{name}.json.partial"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / f"{name}.json")
+    plot(report, out / f"{name}.png")
+    for w, v in report["table"].items():
+        print(f"w = {float(w):5.2f}: accuracy {v['accuracy']:.3f} at cosine threshold {v['threshold']:.5f}")
+    c = report["calibration"]
+    print(
+        f"w* = {c['w']:g}, cosine threshold {c['cos_threshold']:.5f}, M_max {[f'{m:.3g}' for m in c['m_max']]}; "
+        f"{report['validation']['slices']} slices in {report['seconds']} s -> {out / (name + '.json')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

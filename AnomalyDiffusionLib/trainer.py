@@ -78,22 +78,31 @@ def save_checkpoint(
     ema: EMA | None,
     opt: torch.optim.Optimizer,
     iteration: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | list[dict],
     history: list[dict],
     run: dict,
+    torch_rng: list[torch.Tensor] | None = None,
 ) -> None:
-    """Write ``folder/checkpoint`` atomically (new folder written first, then swapped in)."""
+    """Write ``folder/checkpoint`` atomically (new folder written first, then swapped in).
+
+    Under DDP, ``rng`` is the list of every rank's numpy generator state and ``torch_rng`` every
+    rank's torch RNG state (gathered by the caller), so each rank resumes its own stream.
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.model.state_dict().items()})
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
+    if torch_rng is None:
+        tensors["rng.torch"] = torch.get_rng_state()
+    else:
+        for r, state in enumerate(torch_rng):
+            tensors[f"rng.torch.{r}"] = state
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
         "iteration": iteration,
-        "numpy_rng": rng.bit_generator.state,
+        "numpy_rng": rng if isinstance(rng, list) else rng.bit_generator.state,
         "optimizer": opt_meta,
         "history": history,
         "run": run,
@@ -122,7 +131,7 @@ def _json_default(o):
 
 
 def load_checkpoint(
-    folder: Path, model: nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, rng: np.random.Generator
+    folder: Path, model: nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, rng: np.random.Generator, rank: int = 0
 ) -> tuple[int, list[dict], dict]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns (iteration, history, run)."""
     ck = folder / "checkpoint"
@@ -140,10 +149,15 @@ def load_checkpoint(
         if ema_sd:
             load_weights(ema.model, ema_sd, what=f"EMA in '{folder}'")
     _unflatten_optimizer(opt, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch")))
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    rng.bit_generator.state = meta["numpy_rng"]
+    states = meta["numpy_rng"]
+    if isinstance(states, list):
+        if rank >= len(states):
+            raise AnomalyDiffusionError(f"checkpoint was written by {len(states)} processes; resume with as many")
+        states = states[rank]
+    rng.bit_generator.state = states
     return int(meta["iteration"]), list(meta["history"]), dict(meta["run"])
 
 
@@ -278,7 +292,7 @@ def train_loop(
     torch.manual_seed(seed * 1000 + dist.rank)
     start, history = 0, []
     if resume:
-        start, history, old_run = load_checkpoint(out, model, ema, opt, rng)
+        start, history, old_run = load_checkpoint(out, model, ema, opt, rng, rank=dist.rank)
         if run and old_run.get("model") != run.get("model"):
             raise AnomalyDiffusionError(
                 f"cannot resume: checkpoint model {old_run.get('model')} differs from {run.get('model')}"
@@ -315,9 +329,17 @@ def train_loop(
                 }
             )
         report(progress, "train", (it + 1) / iterations, f"loss {loss.item():.4f}")
-        if dist.main and ((it + 1) % save_every == 0 or it + 1 == iterations):
-            save_checkpoint(out, model, ema, opt, it + 1, rng, history, run or {})
-            write_loss_log(out, history)
+        if (it + 1) % save_every == 0 or it + 1 == iterations:
+            rng_states: np.random.Generator | list[dict] = rng
+            torch_states = None
+            if dist.world > 1:  # every rank resumes its own random stream
+                rng_states = [None] * dist.world  # type: ignore[list-item]
+                torch.distributed.all_gather_object(rng_states, rng.bit_generator.state)
+                torch_states = [None] * dist.world
+                torch.distributed.all_gather_object(torch_states, torch.get_rng_state())
+            if dist.main:
+                save_checkpoint(out, model, ema, opt, it + 1, rng_states, history, run or {}, torch_states)
+                write_loss_log(out, history)
     if dist.main and start >= iterations and history:
         write_loss_log(out, history)
     return (ema.model if ema is not None else model), history

@@ -146,3 +146,50 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
     assert methods[4].startswith("FLAIR threshold")
     for name in ("results.md", "results.csv", "m_curves.png", "grid.png"):
         assert (tmp_path / "eval" / name).is_file()
+
+
+def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
+    """torchrun with 2 Gloo processes: rank 0 writes, every rank's random stream is checkpointed."""
+    import json
+    import subprocess
+
+    script = str(Path(__file__).resolve().parents[1] / "training" / "train_fpdm.py")
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        script,
+        "--data",
+        str(data),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--ema",
+        "0.9",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    r = subprocess.run([*base, "--iterations", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
+    states = meta["numpy_rng"]
+    assert isinstance(states, list) and len(states) == 2 and states[0] != states[1]
+    r = subprocess.run([*base, "--iterations", "6", "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model, meta = load_unet(tmp_path / "ddp" / "fpdm.safetensors")
+    assert meta["iterations"] == 6
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "loss.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]

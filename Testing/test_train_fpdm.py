@@ -189,7 +189,7 @@ def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
     assert isinstance(states, list) and len(states) == 2 and states[0] != states[1]
     r = subprocess.run([*base, "--iterations", "6", "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    model, meta = load_unet(tmp_path / "ddp" / "fpdm.safetensors")
+    _, meta = load_unet(tmp_path / "ddp" / "fpdm.safetensors")
     assert meta["iterations"] == 6
     rows = list(csv.DictReader(open(tmp_path / "ddp" / "loss.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]

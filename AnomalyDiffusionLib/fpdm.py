@@ -98,6 +98,11 @@ class Calibration:
     b: float = 0.98
     median_size: int = 5  #: median filter on the map before thresholding (appendix F); 0/1 = off
     min_component: int = 40  #: components of ≤ this many pixels at 128² are removed (appendix F)
+    #: zero the maps outside the brain (x_0 > −0.95 in any map channel, the reference code's
+    #: foreground) before the quantile. The reference takes the quantile over all pixels and relies
+    #: on a trained model predicting the flat background exactly (H ≈ 0 there); this makes that
+    #: explicit, so under-trained or off-domain models do not threshold background noise.
+    foreground_only: bool = True
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -124,6 +129,7 @@ class ForwardResult:
     cosine: np.ndarray
     steps_run: np.ndarray
     network_calls: int = 0
+    foreground: np.ndarray | None = None  #: [N, S, S] bool, x_0 > −0.95 in any map channel
 
 
 # ------------------------------------------------------------------------------ forward process
@@ -224,10 +230,13 @@ def forward_process_multi(
     finally:
         model.train(was_training)
     horizon = settings.visited < settings.horizon
+    fg = (x0[:, chans] > -0.95).any(1).cpu().numpy()
     results = {}
     for w, out in zip(ws, outs, strict=True):
         cos = _cosine(np.nan_to_num(out["mse_h"][:, horizon]), np.nan_to_num(out["mse_u"][:, horizon]))
-        results[w] = ForwardResult(steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, **out)
+        results[w] = ForwardResult(
+            steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, foreground=fg, **out
+        )
     return results
 
 
@@ -358,13 +367,15 @@ class Segmentation:
 def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: bool = True) -> Segmentation:
     """Threshold maps into masks, as in the reference code.
 
-    Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
+    With ``cal.foreground_only`` the maps are first zeroed outside the brain. Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
     over all pixels. Q* = mean_c Q_c. The channel-mean map is median filtered (``median_size``,
     reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
     slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
     whose cosine is above the calibrated threshold are called healthy and get an empty mask.
     """
     maps_c = result.h if use == "h" else result.s_te
+    if cal.foreground_only and result.foreground is not None:
+        maps_c = maps_c * result.foreground[:, None]
     n, c, s, _ = maps_c.shape
     if len(cal.m_max) != c:
         raise ValueError(f"calibration has M_max for {len(cal.m_max)} channel(s), maps have {c}")

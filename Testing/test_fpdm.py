@@ -252,3 +252,21 @@ def test_bad_inputs_are_refused():
         forward_process(model, x, FPDMSettings(steps=2))
     with pytest.raises(ValueError, match="exceed"):
         forward_process(model, torch.zeros(1, 2, 32, 32), FPDMSettings(steps=2000))
+
+
+def test_foreground_only_ignores_background_noise():
+    """Background (outside the brain) with large map values: with foreground_only the mask falls on
+    the bright spot inside the brain; without it, the quantile lands in the background."""
+    h = np.zeros((1, 1, 16, 16), np.float32)
+    fg = np.zeros((1, 16, 16), bool)
+    fg[0, 4:12, 4:12] = True
+    h[0, 0][~fg[0]] = 50.0  # background noise
+    h[0, 0, 6:9, 6:9] = 10.0  # the lesion inside the brain
+    r = _result_with(h, [[1.0]], [0.0])
+    r.foreground = fg
+    on = segment(r, Calibration(w=1, cos_threshold=1.0, m_max=[2.0], median_size=1, min_component=0))
+    off = segment(
+        r, Calibration(w=1, cos_threshold=1.0, m_max=[2.0], median_size=1, min_component=0, foreground_only=False)
+    )
+    assert on.masks[0].sum() == 9 and on.masks[0, 6:9, 6:9].all()
+    assert not (off.masks[0] & fg[0]).any()

@@ -367,7 +367,8 @@ class Segmentation:
 def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: bool = True) -> Segmentation:
     """Threshold maps into masks, as in the reference code.
 
-    With ``cal.foreground_only`` the maps are first zeroed outside the brain. Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
+    With ``cal.foreground_only`` the maps are first zeroed outside the brain (and masks kept inside
+    it). Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
     over all pixels. Q* = mean_c Q_c. The channel-mean map is median filtered (``median_size``,
     reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
     slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
@@ -392,7 +393,10 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
         if cal.median_size > 1:
             maps[i] = ndimage.median_filter(maps[i], size=cal.median_size, mode="reflect")
         if unhealthy[i]:
-            masks[i] = remove_small_components(maps[i] >= thr[i], min_px)
+            raw = maps[i] >= thr[i]
+            if cal.foreground_only and result.foreground is not None:
+                raw &= result.foreground[i]  # outside the brain is never anomalous
+            masks[i] = remove_small_components(raw, min_px)
     return Segmentation(unhealthy=unhealthy, maps=maps, masks=masks, thresholds=thr, quantiles=q)
 
 

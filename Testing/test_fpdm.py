@@ -260,9 +260,10 @@ def test_foreground_only_ignores_background_noise():
     h = np.zeros((1, 1, 16, 16), np.float32)
     fg = np.zeros((1, 16, 16), bool)
     fg[0, 4:12, 4:12] = True
+    h[0, 0][fg[0]] = 1.0  # brain tissue
     h[0, 0][~fg[0]] = 50.0  # background noise
     h[0, 0, 6:9, 6:9] = 10.0  # the lesion inside the brain
-    r = _result_with(h, [[1.0]], [0.0])
+    r = _result_with(h, [[0.0]], [0.0])  # M_te = 0 -> q = 0.98: the top 2 % (5 of 256 pixels)
     r.foreground = fg
     on = segment(r, Calibration(w=1, cos_threshold=1.0, m_max=[2.0], median_size=1, min_component=0))
     off = segment(

@@ -99,7 +99,8 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
     if state is not None:
         net = timm.create_model(spec.name, pretrained=False)
         missing, _ = net.load_state_dict(state, strict=False)
-        cut = [k for k in missing if k.startswith(("conv_stem", "bn1", "blocks"))]
+        needed = ("conv_stem", "bn1", *(f"blocks.{i}." for i in range(spec.stages)))
+        cut = [k for k in missing if k.startswith(needed)]  # blocks past the cut are not stored
         if cut:
             raise AnomalyDiffusionError(f"encoder weights lack {len(cut)} tensors of {spec.name} (e.g. {cut[0]})")
     elif weights_file is not None:

@@ -1,0 +1,80 @@
+"""AnoDODE end to end on CPU: DSM learns a density (margin), train_dode.py writes a loadable model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AnomalyDiffusionLib.dode.likelihood import likelihood_torch
+from AnomalyDiffusionLib.dode.model import load_dode, score_slices
+from AnomalyDiffusionLib.dode.score import ScoreNet, dsm_loss, score_config
+from AnomalyDiffusionLib.errors import AnomalyDiffusionError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import train_dode
+
+
+def test_dsm_trained_score_separates_in_and_out_of_distribution():
+    """Score matching on N(μ, 0.3² I) features. Against a trivial baseline (the N(0, I) prior, about
+    2.1 bpd on these data), the learned density gives held-out samples ≥ 0.3 bpd less, and samples of
+    a shifted distribution ≥ 1 bpd more than held-out ones (a trained-model margin)."""
+    from AnomalyDiffusionLib.dode.likelihood import bpd
+    from AnomalyDiffusionLib.dode.sde import VPSDE
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 2, 2, generator=g)
+    sample = lambda n, shift=0.0: mu + shift + 0.3 * torch.randn(n, 4, 2, 2, generator=g)  # noqa: E731
+    net = ScoreNet(score_config("tiny", 4, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = dsm_loss(net, sample(64), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    z_in, z_out = sample(12), sample(12, shift=1.5)
+    r_in, r_out = (likelihood_torch(lambda z, t: net(z, t), z, rtol=1e-3, atol=1e-3)[0] for z in (z_in, z_out))
+    baseline = bpd(VPSDE.prior_logp(z_in).numpy(), 16).mean()
+    assert r_in.bpd.mean() < baseline - 0.3
+    assert r_out.bpd.mean() > r_in.bpd.mean() + 1.0
+
+
+def test_train_dode_script_writes_a_loadable_model(tmp_path):
+    out = tmp_path / "dode"
+    args = [
+        "--phantom",
+        "1",
+        "--config",
+        "tiny",
+        "--scales",
+        "128,64",
+        "--iterations",
+        "4",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--save-every",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert train_dode.main(args) == 0
+    for name in ("dode_encoder.safetensors", "dode_score_128.safetensors", "dode_score_64.safetensors"):
+        assert (out / name).is_file()
+    model = load_dode(out)
+    assert model.scales == [128, 64] and model.spec.name == "efficientnet_lite0" and model.spec.pretrained
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    per_a, s_a = score_slices(model, x, rtol=1e-4, atol=1e-4)
+    per_b, _ = score_slices(model, x, solver="scipy", rtol=1e-4, atol=1e-4)
+    assert per_a.shape == (2, 2) and np.allclose(s_a, per_a.mean(1))
+    assert np.allclose(per_a, per_b, atol=2e-3)  # batched multi-scale solve = per-sample RK45
+    assert load_dode(out, scales=[64]).scales == [64]
+    with pytest.raises(AnomalyDiffusionError, match="no score network for scale"):
+        load_dode(out, scales=[192])
+    assert train_dode.main([*args[:-2], "--out", str(out), "--iterations", "6", "--resume"]) == 0

@@ -455,3 +455,52 @@ def load_or_make(
     if max_slices is not None and len(ds) > max_slices:
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))
     return np.asarray(ds.channels(modalities), dtype=np.float32), ds
+
+
+# ---------------------------------------------------------------------------------------- BMAD
+def colormap_to_grey(rgb: np.ndarray, cmap: str = "bone") -> np.ndarray:
+    """Invert a matplotlib colormap: [H, W, 3] uint8 RGB → [H, W] float in [0, 1] (nearest of its
+    256 colours). BMAD's BraTS PNGs are FLAIR slices rendered with "bone"."""
+    from matplotlib import colormaps
+    from scipy.spatial import cKDTree
+
+    lut = (colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float64)
+    _, idx = cKDTree(lut).query(rgb.reshape(-1, 3).astype(np.float64))
+    return (idx / 255.0).reshape(rgb.shape[:2])
+
+
+def read_bmad(root: str | os.PathLike, split: str = "test", size: int = 128, cmap: str = "bone") -> SliceDataset:
+    """A BMAD-benchmark BraTS2021 folder as a one-channel ("flair") slice dataset in [-1, 1].
+
+    Layout: ``train/good/*.png``; ``test/good/*.png`` and ``test/Ungood/img/*.png`` with masks in
+    ``test/Ungood/label/`` (same names); ``valid/`` like ``test/`` when present. Colour PNGs are
+    mapped back to intensity by inverting ``cmap``; slices are resized to ``size``.
+    """
+    from PIL import Image
+
+    base = Path(root) / split
+    if not base.is_dir():
+        raise InputError(f"BMAD folder has no '{split}/' split: '{base}'")
+    entries: list[tuple[Path, Path | None, int]] = [(p, None, 0) for p in sorted((base / "good").glob("*.png"))]
+    for p in sorted((base / "Ungood" / "img").glob("*.png")):
+        lab = base / "Ungood" / "label" / p.name
+        entries.append((p, lab if lab.is_file() else None, 1))
+    if not entries:
+        raise InputError(f"no PNG slices in '{base}/good' or '{base}/Ungood/img'")
+    images, masks = [], []
+    for img_path, lab_path, _ in entries:
+        arr = np.asarray(Image.open(img_path).convert("RGB"))
+        grey = colormap_to_grey(arr, cmap) * 2 - 1
+        mask = np.asarray(Image.open(lab_path).convert("L")) > 0 if lab_path is not None else np.zeros(grey.shape, bool)
+        fit = PlaneFit.for_slice(grey.shape, (1.0, 1.0), size)
+        images.append(fit.to_model(grey[None].astype(np.float32), "image", fill=-1.0)[0])
+        masks.append(fit.to_model(mask[None].astype(np.float32), "mask")[0].astype(np.uint8))
+    return SliceDataset(
+        images=np.stack(images)[:, None],
+        masks=np.stack(masks),
+        labels=np.array([e[2] for e in entries], np.uint8),
+        subjects=[e[0].stem for e in entries],
+        slices=np.full(len(entries), -1, np.int32),
+        modalities=("flair",),
+        meta={"source": f"BMAD {split} '{root}'", "colormap": cmap},
+    )

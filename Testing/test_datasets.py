@@ -137,3 +137,37 @@ def test_write_case_int16_and_names(tmp_path):
     paths = write_case(ph, tmp_path, "X")
     assert paths["flair"].name == "X_flair.nii.gz"
     assert sitk.ReadImage(str(paths["flair"])).GetPixelID() == sitk.sitkInt16
+
+
+def test_bmad_folder_is_read_back_to_intensity(tmp_path):
+    """A BMAD-like folder rendered with the "bone" colormap: the reader recovers the grey levels
+    (to 1/255) and the masks, with good = 0 and Ungood = 1."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    greys = []
+    for kind, n in (("good", 2), ("Ungood/img", 2)):
+        (tmp_path / "test" / kind).mkdir(parents=True)
+        for i in range(n):
+            g = rng.integers(0, 256, (240, 240)).astype(np.float64) / 255
+            greys.append(g)
+            rgb = (colormaps["bone"](g)[..., :3] * 255).round().astype(np.uint8)
+            Image.fromarray(rgb).save(tmp_path / "test" / kind / f"s{i}.png")
+    (tmp_path / "test" / "Ungood" / "label").mkdir()
+    lab = np.zeros((240, 240), np.uint8)
+    lab[100:140, 60:120] = 255
+    for i in range(2):
+        Image.fromarray(lab).save(tmp_path / "test" / "Ungood" / "label" / f"s{i}.png")
+    assert (
+        np.abs(
+            D.colormap_to_grey((colormaps["bone"](greys[0])[..., :3] * 255).round().astype(np.uint8)) - greys[0]
+        ).max()
+        <= 1 / 255 + 1e-9
+    )
+    ds = D.read_bmad(tmp_path, "test", size=240)
+    assert ds.labels.tolist() == [0, 0, 1, 1] and ds.images.shape == (4, 1, 240, 240)
+    assert np.abs((ds.images[0, 0] + 1) / 2 - greys[0]).max() <= 1 / 255 + 1e-6
+    assert ds.masks[2].sum() == 40 * 60 and not ds.masks[0].any()
+    with pytest.raises(InputError, match="no 'train/' split"):
+        D.read_bmad(tmp_path, "train")

@@ -78,3 +78,70 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     with pytest.raises(AnomalyDiffusionError, match="no score network for scale"):
         load_dode(out, scales=[192])
     assert train_dode.main([*args[:-2], "--out", str(out), "--iterations", "6", "--resume"]) == 0
+
+
+def test_decoder_training_and_localisation_smoke(tmp_path):
+    """train_dode.py + train_decoder.py (a few iterations), then a heatmap per slice at slice size."""
+    import train_decoder
+
+    from AnomalyDiffusionLib.dode.decoder import localise
+    from AnomalyDiffusionLib.dode.model import load_decoder
+
+    out = tmp_path / "dode"
+    assert (
+        train_dode.main(
+            [
+                "--phantom",
+                "1",
+                "--config",
+                "tiny",
+                "--scales",
+                "64",
+                "--iterations",
+                "2",
+                "--batch-size",
+                "4",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        train_decoder.main(
+            [
+                "--model",
+                str(out),
+                "--phantom",
+                "1",
+                "--scale",
+                "64",
+                "--base",
+                "8",
+                "--iterations",
+                "2",
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    model = load_dode(out)
+    dec = load_decoder(out, 64)
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    heat, rec = localise(
+        model.encoder,
+        64,
+        model.nets[0],
+        model.standardisers[0],
+        dec,
+        x,
+        t0=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert heat.shape == (2, 128, 128) and rec.shape == (2, 128, 128)
+    assert np.allclose(heat, (x[:, 0].numpy() - rec) ** 2, atol=1e-6)

@@ -88,3 +88,15 @@ def score_slices(
             raise ValueError(f"solver must be 'torch' or 'scipy', not {solver!r}")
         out[i : i + batch_size] = np.stack([r.bpd for r in res], 1)
     return out, out.mean(1)
+
+
+def load_decoder(folder: str | os.PathLike, scale: int, device: str = "cpu"):
+    """The decoder trained for ``scale`` (``dode_decoder_<scale>.safetensors``)."""
+    from .decoder import Decoder
+
+    path = Path(folder) / f"dode_decoder_{scale}.safetensors"
+    meta = read_meta(path)
+    cfg = meta["config"]
+    dec = Decoder(cfg["in_channels"], base=cfg["base"], mults=tuple(cfg["mults"]))
+    load_weights(dec, load_state(path), what=f"weights in '{path}'")
+    return dec.to(device).eval()

@@ -145,3 +145,37 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
     )
     assert heat.shape == (2, 128, 128) and rec.shape == (2, 128, 128)
     assert np.allclose(heat, (x[:, 0].numpy() - rec) ** 2, atol=1e-6)
+
+    import json
+
+    import evaluate_dode
+
+    assert (
+        evaluate_dode.main(
+            [
+                "--model",
+                str(out),
+                "--phantom",
+                "1",
+                "--split",
+                "val",
+                "--max-slices",
+                "12",
+                "--rtol",
+                "1e-3",
+                "--threads",
+                "1",
+                "--t0",
+                "0.5",
+                "--slice-size",
+                "128",
+                "--out",
+                str(tmp_path / "val"),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((tmp_path / "val" / "results.json").read_text())
+    assert rep["table2"][0]["scales"] == [64] and 0 <= rep["table1"]["auroc"] <= 1
+    assert json.loads((out / "dode_threshold.json").read_text())["scales"] == [64]
+    assert (tmp_path / "val" / "roc_scores.png").is_file()

@@ -71,12 +71,11 @@ def drift_and_divergence(
         if probe is not None:
             (g,) = torch.autograd.grad((f * probe).sum(), z)
             div = (g * probe).reshape(z.shape[0], -1).sum(1)
-        else:
-            flat = f.reshape(z.shape[0], -1)
-            div = torch.zeros(z.shape[0], dtype=f.dtype, device=f.device)
-            for i in range(flat.shape[1]):  # Σ_i ∂f_i/∂z_i, one VJP per dimension
-                (g,) = torch.autograd.grad(flat[:, i].sum(), z, retain_graph=i + 1 < flat.shape[1])
-                div = div + g.reshape(z.shape[0], -1)[:, i]
+        else:  # Σ_i ∂f_i/∂z_i: all D basis-vector VJPs in one batched backward pass
+            d = f[0].numel()
+            basis = torch.eye(d, dtype=f.dtype, device=f.device).reshape(d, 1, *f.shape[1:]).expand(d, *f.shape)
+            (g,) = torch.autograd.grad(f, z, grad_outputs=basis, is_grads_batched=True)  # [D, B, ...]
+            div = g.reshape(d, z.shape[0], d).diagonal(dim1=0, dim2=2).sum(-1)
     return f.detach(), div.detach()
 
 

@@ -79,6 +79,26 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
         load_dode(out, scales=[192])
     assert train_dode.main([*args[:-2], "--out", str(out), "--iterations", "6", "--resume"]) == 0
 
+    # bad input: wrong channel count, NaN, features that do not fit a scale, another config's weights
+    from AnomalyDiffusionLib.errors import InputError
+    from AnomalyDiffusionLib.modelio import read_meta, save_weights
+
+    with pytest.raises(InputError, match="grey"):
+        score_slices(model, torch.zeros(1, 2, 128, 128))
+    bad = x.clone()
+    bad[0, 0, 5, 5] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        score_slices(model, bad)
+    model.scales[0] = 96  # features 3×3 for a network trained on 4×4
+    with pytest.raises(AnomalyDiffusionError, match="features at scale 96"):
+        score_slices(model, x)
+    meta = read_meta(out / "dode_score_64.safetensors")
+    meta["config"]["model_channels"] = 32
+    net = load_dode(out, scales=[64]).nets[0]
+    save_weights(net, out / "dode_score_64.safetensors", meta)  # header says another configuration
+    with pytest.raises(AnomalyDiffusionError, match="do not fit this model configuration"):
+        load_dode(out, scales=[64])
+
 
 def test_decoder_training_and_localisation_smoke(tmp_path):
     """train_dode.py + train_decoder.py (a few iterations), then a heatmap per slice at slice size."""

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-weights", type=Path, default=None, help="local ImageNet weights file for the encoder")
     p.add_argument("--stages", type=int, default=6, help="keep blocks[:stages] (default 6: stride 32)")
     p.add_argument(
+        "--random-encoder",
+        action="store_true",
+        help="randomly initialised encoder instead of ImageNet weights (ablation; seeded by --seed)",
+    )
+    p.add_argument(
         "--scales", default="256,192,128,64", help="input sizes (default 256,192,128,64; paper best 128,192)"
     )
     p.add_argument("--config", default="small", choices=("tiny", "small", "paper"), help="score UNet size")
@@ -82,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = setup_distributed(args.device)
         scales = tuple(int(s) for s in args.scales.split(","))
-        spec = EncoderSpec(name=args.encoder, stages=args.stages, pretrained=True, scales=scales)
-        encoder = build_encoder(spec, weights_file=args.encoder_weights).to(dist.device)
+        spec = EncoderSpec(name=args.encoder, stages=args.stages, pretrained=not args.random_encoder, scales=scales)
+        torch.manual_seed(args.seed)
+        encoder = build_encoder(spec, weights_file=None if args.random_encoder else args.encoder_weights)
+        encoder = encoder.to(dist.device)
         with TqdmProgress() as progress:
             x, ds = load_or_make(
                 args.data,

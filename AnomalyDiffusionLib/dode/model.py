@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..diffusion import UNetConfig
-from ..errors import AnomalyDiffusionError
+from ..errors import AnomalyDiffusionError, InputError
 from ..modelio import load_state, read_meta
 from ..trainer import load_weights
 from .features import Encoder, EncoderSpec, Standardiser, build_encoder, extract
@@ -70,7 +70,21 @@ def score_slices(
     """bpd per scale [N, n_scales] and the anomaly score S = mean over scales (eq. 13) [N] of grey
     slices [N, 1, S, S] in [-1, 1]. ``solver``: "torch" (batched, all scales at once) or "scipy"
     (the paper's per-sample RK45)."""
-    feats = extract(model.encoder, slices, model.scales)
+    x = torch.as_tensor(np.asarray(slices) if isinstance(slices, np.ndarray) else slices)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise InputError(f"AnoDODE scores grey (FLAIR) slices [N, 1, S, S]; got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError("input slices contain NaN/Inf values")
+    feats = extract(model.encoder, x, model.scales)
+    for s, f, net in zip(model.scales, feats, model.nets, strict=True):
+        want = (net.config.in_channels, net.config.image_size, net.config.image_size)
+        if tuple(f.shape[1:]) != want:
+            raise AnomalyDiffusionError(
+                f"features at scale {s} are {tuple(f.shape[1:])} but its score network expects {want}: "
+                "the encoder or scales do not match this model"
+            )
     z = [std(f).float() for std, f in zip(model.standardisers, feats, strict=True)]
     fns = [lambda x, t, net=net: net(x, t) for net in model.nets]
     n = z[0].shape[0]

@@ -94,6 +94,7 @@ def reference_procedure(model, x0: torch.Tensor, st: FPDMSettings, device) -> tu
         cosine=np.ones(n, np.float32),
         steps_run=np.full(n, len(st.visited)),
         network_calls=calls,
+        foreground=(x0[:, chans] > -0.95).any(1).cpu().numpy(),
     )
     return res, calls, retained
 
@@ -121,7 +122,7 @@ def main() -> None:
     cal = Calibration(**rep["calibration"])
     mods = list(meta["modalities"])
     x, ds = load_or_make(None, "test", args.phantom, mods, model.config.image_size, args.phantom_seed)
-    order = np.argsort(-np.asarray(ds.labels), kind="stable")[: args.slices]  # unhealthy slices first
+    order = np.argsort(-np.asarray(ds.labels, dtype=np.int64), kind="stable")[: args.slices]  # unhealthy first
     x, truth = torch.from_numpy(x[order]), np.asarray(ds.masks)[order].astype(bool)
     chans = tuple(rep["settings"]["map_channels"] or range(len(mods)))
     base_st = FPDMSettings(w=cal.w, steps=args.steps, stride=1, map_channels=chans, batch_size=args.batch_size)

@@ -86,6 +86,14 @@ class FPDMSettings:
         d["map_channels"] = None if self.map_channels is None else list(self.map_channels)
         return d
 
+    @staticmethod
+    def from_dict(d: dict, **overrides) -> FPDMSettings:
+        """Inverse of :meth:`as_dict` (JSON lists back to tuples); ``overrides`` replace fields."""
+        d = {**d, **overrides}
+        if d.get("map_channels") is not None:
+            d["map_channels"] = tuple(d["map_channels"])
+        return FPDMSettings(**d)
+
 
 @dataclass
 class Calibration:

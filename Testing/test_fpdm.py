@@ -271,3 +271,14 @@ def test_foreground_only_ignores_background_noise():
     )
     assert on.masks[0].sum() == 9 and on.masks[0, 6:9, 6:9].all()
     assert not (off.masks[0] & fg[0]).any()
+
+
+def test_settings_round_trip_through_json():
+    import json
+
+    st = FPDMSettings(
+        w=3.0, steps=300, stride=5, mode="ddpm", unguided="healthy", map_channels=(0, 3), cosine_steps=100
+    )
+    back = FPDMSettings.from_dict(json.loads(json.dumps(st.as_dict())))
+    assert back == st
+    assert FPDMSettings.from_dict(st.as_dict(), batch_size=7).batch_size == 7

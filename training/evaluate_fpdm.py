@@ -105,9 +105,7 @@ def evaluate(args) -> dict:
         rows, curves, extra = [], {}, {}
         for path in cal_files:
             rep = json.loads(Path(path).read_text())
-            st_d = dict(rep["settings"])
-            st_d["map_channels"] = tuple(st_d["map_channels"]) if st_d["map_channels"] is not None else None
-            st = FPDMSettings(**{**st_d, "batch_size": args.batch_size})
+            st = FPDMSettings.from_dict(rep["settings"], batch_size=args.batch_size)
             cal = Calibration(**rep["calibration"])
             t0 = time.perf_counter()
             r = forward_process(model, x, st, seed=args.seed, device=device, progress=progress)

@@ -150,13 +150,18 @@ def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: floa
     return (field_ / (field_.std() + 1e-12)).astype(np.float32)
 
 
-def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """Rotation matrix from three independent angles uniform in ±``max_deg`` degrees."""
-    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+def rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
+    """R = Rz · Ry · Rx for rotations by ``degrees`` = (about x, about y, about z)."""
+    ax, ay, az = np.deg2rad(np.asarray(degrees, dtype=float))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """Rotation matrix from three independent angles uniform in ±``max_deg`` degrees."""
+    return rotation_matrix(rng.uniform(-max_deg, max_deg, 3))
 
 
 # ------------------------------------------------------------------------------------- options
@@ -419,11 +424,7 @@ def brats_grid(like: sitk.Image) -> sitk.Image:
 
 def oblique_direction(degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)) -> np.ndarray:
     """A direction matrix rotated by the given angles (about x, y, z) with some axes flipped."""
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    d = rz @ ry @ rx
+    d = rotation_matrix(degrees)
     for k in flip:
         d[:, k] *= -1
     return d

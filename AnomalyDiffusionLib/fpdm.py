@@ -153,6 +153,15 @@ def check_input(x0: torch.Tensor | np.ndarray, in_channels: int, image_size: int
     return x.float()
 
 
+def channel_indices(model_modalities: list[str], names: str | list[str]) -> tuple[int, ...]:
+    """Indices of ``names`` (e.g. "flair,t2") among the model's input modalities, for ``map_channels``."""
+    wanted = [m.strip() for m in names.split(",")] if isinstance(names, str) else list(names)
+    missing = [m for m in wanted if m not in model_modalities]
+    if missing:
+        raise InputError(f"map modalities {missing} are not among the model's {list(model_modalities)}")
+    return tuple(model_modalities.index(m) for m in wanted)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two [N, K] arrays (eq. 18)."""
     num = (a * b).sum(1)

@@ -29,8 +29,16 @@ import torch
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.devices import resolve_device
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, forward_process_multi, m_max_from, select_guidance
+from AnomalyDiffusionLib.fpdm import (
+    Calibration,
+    FPDMSettings,
+    channel_indices,
+    forward_process_multi,
+    m_max_from,
+    select_guidance,
+)
 from AnomalyDiffusionLib.modelio import load_unet_any
 
 
@@ -52,22 +60,6 @@ def add_forward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="slices per network batch (default 32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-
-
-def device_of(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AnomalyDiffusionError("--device cuda was requested but no CUDA GPU is available")
-    return name
-
-
-def map_channels(model_modalities: list[str], wanted: str) -> tuple[int, ...]:
-    names = [m.strip() for m in wanted.split(",")]
-    missing = [m for m in names if m not in model_modalities]
-    if missing:
-        raise AnomalyDiffusionError(f"map modalities {missing} are not among the model's {model_modalities}")
-    return tuple(model_modalities.index(m) for m in names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 def calibrate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = resolve_device(args.device)
     model, meta = load_unet_any(args.model, device=device)
     mods = list(meta["modalities"])
-    chans = map_channels(mods, args.map_modalities)
+    chans = channel_indices(mods, args.map_modalities)
     with TqdmProgress() as progress:
         x, ds = load_or_make(
             args.data,

@@ -31,13 +31,11 @@ from scipy.stats import pearsonr
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.devices import resolve_device
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, forward_process, segment
 from AnomalyDiffusionLib.metrics import segmentation_table
 from AnomalyDiffusionLib.modelio import load_unet_any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_fpdm import device_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +78,7 @@ def intensity_baseline(flair: np.ndarray, fg: np.ndarray, truth: np.ndarray) -> 
 def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = resolve_device(args.device)
     model, meta = load_unet_any(args.model, device=device)
     mods = list(meta["modalities"])
     folder = args.model if args.model.is_dir() else args.model.parent

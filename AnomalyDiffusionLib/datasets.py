@@ -68,12 +68,17 @@ class SliceDataset:
             meta=dict(self.meta),
         )
 
-    def channels(self, modalities: Sequence[str]) -> np.ndarray:
-        """Images restricted to (and ordered as) ``modalities``, e.g. ("flair", "t2") for inference."""
+    def channel_index(self, modalities: Sequence[str]) -> list[int]:
+        """Positions of ``modalities`` among the stored channels (clear error if one is missing)."""
         missing = [m for m in modalities if m not in self.modalities]
         if missing:
             raise InputError(f"dataset lacks modalities {missing}; it has {list(self.modalities)}")
-        return self.images[:, [self.modalities.index(m) for m in modalities]]
+        return [self.modalities.index(m) for m in modalities]
+
+    def channels(self, modalities: Sequence[str]) -> np.ndarray:
+        """Images restricted to (and ordered as) ``modalities``, e.g. ("flair", "t2") for inference.
+        Reads the whole array; training indexes rows first (``images[idx][:, channel_index(...)]``)."""
+        return self.images[:, self.channel_index(modalities)]
 
     @staticmethod
     def concatenate(parts: Sequence[SliceDataset]) -> SliceDataset:
@@ -416,6 +421,48 @@ def phantom_dataset(
     return ds
 
 
+def open_slices(
+    data: str | os.PathLike | None,
+    split: str,
+    phantom: int | None,
+    modalities: Sequence[str],
+    size: int,
+    phantom_seed: int = 5000,
+    healthy_fraction: float = 0.25,
+    spacing: float = 2.0,
+    start: int | None = None,
+    stop: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> SliceDataset:
+    """The slices a script works on: ``data/split`` of a prepared dataset (or ``data`` itself),
+    memory-mapped, or ``phantom`` synthetic subjects (axial range ``start:stop``) built in memory."""
+    if (data is None) == (phantom is None):
+        raise InputError("give exactly one of --data or --phantom")
+    if data is not None:
+        root = Path(data)
+        folder = root / split if (root / split / "meta.json").is_file() else root
+        ds = SliceDataset.load(folder)
+        if ds.size != size:
+            raise InputError(
+                f"dataset slices are {ds.size}×{ds.size} but the model is {size}×{size}; "
+                f"train with --image-size {ds.size} or prepare the data with --size {size}"
+            )
+        return ds
+    from .phantom import PhantomOptions
+
+    return phantom_dataset(
+        phantom,
+        seed=phantom_seed,
+        modalities=modalities,
+        size=size,
+        start=start,
+        stop=stop,
+        healthy_fraction=healthy_fraction,
+        options=PhantomOptions(spacing=spacing),
+        progress=progress,
+    )
+
+
 def load_or_make(
     data: str | os.PathLike | None,
     split: str,
@@ -429,29 +476,9 @@ def load_or_make(
     seed: int = 0,
     progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, SliceDataset]:
-    """Slices for calibration/evaluation scripts: ``data/split`` of a prepared dataset (or ``data``
-    itself) or ``phantom`` synthetic subjects. Returns (images [N, C, S, S] float32 restricted to
-    ``modalities``, dataset), with a seeded random subset of at most ``max_slices``."""
-    if (data is None) == (phantom is None):
-        raise InputError("give exactly one of --data or --phantom")
-    if data is not None:
-        root = Path(data)
-        folder = root / split if (root / split / "meta.json").is_file() else root
-        ds = SliceDataset.load(folder)
-        if ds.size != size:
-            raise InputError(f"dataset slices are {ds.size}×{ds.size} but the model expects {size}×{size}")
-    else:
-        from .phantom import PhantomOptions
-
-        ds = phantom_dataset(
-            phantom,
-            seed=phantom_seed,
-            modalities=modalities,
-            size=size,
-            healthy_fraction=healthy_fraction,
-            options=PhantomOptions(spacing=spacing),
-            progress=progress,
-        )
+    """:func:`open_slices` for calibration/evaluation: a seeded random subset of at most
+    ``max_slices``, and its images restricted to ``modalities`` as float32 [N, C, S, S] in memory."""
+    ds = open_slices(data, split, phantom, modalities, size, phantom_seed, healthy_fraction, spacing, progress=progress)
     if max_slices is not None and len(ds) > max_slices:
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))
     return np.asarray(ds.channels(modalities), dtype=np.float32), ds

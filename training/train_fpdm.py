@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress, parse_slice_range
-from AnomalyDiffusionLib.datasets import SliceDataset, phantom_dataset
+from AnomalyDiffusionLib.datasets import open_slices
 from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_unet
-from AnomalyDiffusionLib.phantom import PhantomOptions
 from AnomalyDiffusionLib.trainer import cleanup_distributed, setup_distributed, train_loop
 
 log = logging.getLogger("train_fpdm")
@@ -101,33 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_data(args, size: int, modalities: tuple[str, ...]) -> SliceDataset:
-    if (args.data is None) == (args.phantom is None):
-        raise AnomalyDiffusionError("give exactly one of --data or --phantom")
-    if args.data is not None:
-        folder = args.data / "train" if (args.data / "train" / "meta.json").is_file() else args.data
-        ds = SliceDataset.load(folder)
-        if ds.size != size:
-            raise AnomalyDiffusionError(
-                f"dataset slices are {ds.size}×{ds.size} but the model is {size}×{size}; "
-                f"pass --image-size {ds.size} or prepare the data with --size {size}"
-            )
-        return ds
-    start, stop = parse_slice_range(args.slices)
-    with TqdmProgress() as progress:
-        return phantom_dataset(
-            args.phantom,
-            seed=args.phantom_seed,
-            modalities=modalities,
-            size=size,
-            start=start,
-            stop=stop,
-            healthy_fraction=args.phantom_healthy_fraction,
-            options=PhantomOptions(spacing=args.phantom_spacing),
-            progress=progress,
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -138,8 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         dist = setup_distributed(args.device)
         modalities = tuple(m.strip() for m in args.modalities.split(","))
         cfg = unet_config(args.config, in_channels=len(modalities), image_size=args.image_size)
-        ds = load_data(args, cfg.image_size, modalities)
-        images = ds.channels(modalities)
+        start, stop = parse_slice_range(args.slices)
+        with TqdmProgress() as progress:
+            ds = open_slices(
+                args.data,
+                "train",
+                args.phantom,
+                modalities,
+                cfg.image_size,
+                args.phantom_seed,
+                args.phantom_healthy_fraction,
+                args.phantom_spacing,
+                start,
+                stop,
+                progress,
+            )
+        chans = ds.channel_index(modalities)
+        images = ds.images  # memory-mapped for prepared data: only each batch is read
         labels = np.asarray(ds.labels).astype(np.int64)
         if dist.world > 1 and args.batch_size % dist.world:
             raise AnomalyDiffusionError(f"--batch-size {args.batch_size} is not divisible by {dist.world} processes")
@@ -156,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def loss_fn(net, rng: np.random.Generator) -> torch.Tensor:
             idx = np.sort(rng.integers(0, len(labels), per_rank))
-            x0 = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).to(dist.device)
+            x0 = torch.from_numpy(np.asarray(images[idx][:, chans], dtype=np.float32)).to(dist.device)
             y = labels[idx].copy()
             y[rng.random(per_rank) < args.p_uncond] = NULL  # classifier-free guidance: null label
             t = torch.from_numpy(rng.integers(0, schedule.steps, per_rank)).to(dist.device)

@@ -2,7 +2,9 @@
 
 Subcommands:
 
-* ``demo``    synthesise a phantom case and run the volume pipeline on it (see :func:`run_demo`)
+* ``detect``  score and segment one case (FLAIR + T2) with a model bundle
+* ``demo``    make a phantom case with a lesion and run ``detect`` on it (see :func:`run_demo`)
+* ``bundle``  ``info`` / ``verify`` a model bundle
 * ``phantom`` write synthetic subjects as BraTS-style folders
 * ``info``    versions, device, and whether the anatomy templates are available
 
@@ -24,132 +26,183 @@ import numpy as np
 
 from . import __version__
 from .cli_support import JsonlProgress, TqdmProgress
-from .errors import AnomalyDiffusionError
+from .errors import AnomalyDiffusionError, InputError
 
 log = logging.getLogger("AnomalyDiffusionLib")
+
+#: phantom seed of ``demo`` (a subject with one clearly visible lesion)
+DEMO_SEED = 7
 
 
 # --------------------------------------------------------------------------------------- demo
 def run_demo(
-    out: Path, seed: int = 7, size: int = 128, spacing: float = 1.0, oblique: bool = True, progress=None
+    out: Path,
+    seed: int = DEMO_SEED,
+    bundle: str | None = None,
+    device: str = "auto",
+    progress=None,
+    cancel=None,
 ) -> dict:
-    """Volume pipeline on a synthetic case, end to end, with its ground truth.
+    """``detect`` on a synthetic case with the embedded bundle, scored against the case's truth.
 
     1. Draw a phantom subject with one lesion and store FLAIR, T2 and the lesion labelmap on an
        anisotropic (1 × 1 × 2 mm), oblique, axis-flipped grid, as a scanner might (``inputs/``).
-    2. Read them back as a user's files: validate, bring to the canonical LPS frame, resample T2
-       onto the FLAIR grid, brain mask, normalise (AnoFPDM appendix B), cut axial slices and
-       resize them to the model's ``size`` × ``size``.
-    3. Reassemble per-slice outputs onto the original FLAIR grid: the model-space FLAIR (what a
-       model sees) as a volume, and the lesion mask after the round trip through model space.
-    4. Write ``summary.json`` (geometry checks, lesion slice range, DICE of the round-tripped mask
-       against the truth) and ``overview.png``.
+    2. Run :func:`~AnomalyDiffusionLib.pipeline.detect` on the FLAIR and T2 files, exactly as
+       ``anomaly-diffusion detect`` would, and write its outputs.
+    3. Add a ``demo`` block to ``summary.json``: the true lesion slice range, DICE of the
+       segmentation against the phantom's mask, the true lesion volume, and whether every output's
+       geometry equals the input's.
     """
     import SimpleITK as sitk
 
     from .metrics import dice
+    from .outputs import write_result
     from .phantom import PhantomOptions, make_grid, make_subject, oblique_direction, resample_case, write_case
+    from .pipeline import DetectOptions, detect
     from .progress import report
-    from .volumes import PlaneFit, case_slices, load_case, read_labelmap_like, reassemble, write_volume
+    from .volumes import read_labelmap_like
 
     t0 = time.perf_counter()
     report(progress, "phantom", 0.0, "synthesising a subject")
-    ph = make_subject(seed, PhantomOptions(spacing=spacing, n_lesions=1, modalities=("flair", "t2")))
-    direction = oblique_direction((10.0, -6.0, 15.0), flip=(0, 2)) if oblique else np.eye(3)
-    ph = resample_case(ph, make_grid(ph.labels, (1.0, 1.0, 2.0), direction))
+    ph = make_subject(seed, PhantomOptions(spacing=1.5, n_lesions=1, modalities=("flair", "t2")))
+    direction = oblique_direction((10.0, -6.0, 15.0), flip=(0, 2))
+    ph = resample_case(ph, make_grid(ph.labels, (1.2, 1.2, 2.5), direction))
     paths = write_case(ph, out, "inputs")
     report(progress, "phantom", 1.0, "inputs written")
 
-    report(progress, "pipeline", 0.0, "reading volumes")
-    case = load_case({"flair": paths["flair"], "t2": paths["t2"]})
-    truth = read_labelmap_like(paths["seg"], case, "lesion mask") > 0
-    report(progress, "pipeline", 0.3, "slicing")
-    images, idx, fit = case_slices(case, ("flair", "t2"), size=size)
-    masks = PlaneFit.for_case(case, size).to_model(truth[idx].astype(np.float32), "mask")
-    report(progress, "pipeline", 0.6, "reassembling")
-    model_flair = reassemble(case, images[:, 0], idx, fit, kind="image", fill=-1.0)
-    mask_back = reassemble(case, masks, idx, fit, kind="label")
-    write_volume(model_flair, out / "model_space_flair.nii.gz")
-    write_volume(mask_back, out / "lesion_roundtrip.nii.gz")
-    report(progress, "pipeline", 1.0, "done")
-
-    back = case.reorientation.to_canonical(sitk.GetArrayFromImage(mask_back)) > 0
-    lesion_slices = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(1))
-    found = np.flatnonzero(back.reshape(back.shape[0], -1).any(1))
-    ref = case.reference
+    result = detect(
+        {"flair": paths["flair"], "t2": paths["t2"]},
+        bundle=bundle,
+        options=DetectOptions(device=device),
+        progress=progress,
+        cancel=cancel,
+    )
+    truth = read_labelmap_like(paths["seg"], result.case, "lesion mask") > 0
+    pred = result.case.reorientation.to_canonical(sitk.GetArrayFromImage(result.labelmap)) > 0
+    lesion = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(1))
+    ref = result.case.reference
     geometry_equal = all(
         getattr(img, f)() == getattr(ref, f)()
-        for img in (model_flair, mask_back)
+        for img in (result.labelmap, result.heatmap)
+        if img is not None
         for f in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection")
     )
-    summary = {
-        "what": "volume pipeline demo on a synthetic case (detection methods are not part of this build yet)",
-        "version": __version__,
-        "seed": seed,
-        "input_grid": {"size": ref.GetSize(), "spacing": ref.GetSpacing(), "direction": ref.GetDirection()},
-        "canonical_shape_zyx": list(case.shape),
-        "model_slice_size": size,
-        "slices": len(idx),
-        "lesion_slices_truth": [int(lesion_slices.min()), int(lesion_slices.max())] if len(lesion_slices) else None,
-        "lesion_slices_roundtrip": [int(found.min()), int(found.max())] if len(found) else None,
-        "dice_roundtrip_vs_truth": round(dice(back, truth), 4),
-        "lesion_volume_ml": round(float(truth.sum()) * float(np.prod(case.spacing)) / 1000.0, 2),
+    found = result.summary["lesion_slices"]
+    true_range = [int(lesion.min()), int(lesion.max())] if len(lesion) else None
+    result.summary["demo"] = {
+        "what": "synthetic phantom case (not a patient); truth = the phantom's lesion mask",
+        "phantom_seed": seed,
+        "lesion_slices_truth": true_range,
+        "lesion_slices_found": found,
+        "lesion_range_overlaps_truth": bool(
+            found and true_range and found[0] <= true_range[1] and found[1] >= true_range[0]
+        ),
+        "dice_vs_truth": round(dice(pred, truth), 4),
+        "lesion_volume_ml_truth": round(float(truth.sum()) * float(np.prod(result.case.spacing)) / 1000.0, 3),
         "output_geometry_equals_input": geometry_equal,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _overview(case, truth, back, out / "overview.png")
-    return summary
-
-
-def _overview(case, truth: np.ndarray, back: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    flair = case.arrays["flair"]
-    area = truth.reshape(truth.shape[0], -1).sum(1)
-    ks = [int(k) for k in np.argsort(area)[::-1][:3]] if area.any() else [case.shape[0] // 2]
-    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4 * (len(ks) + 1), 4), facecolor="black")
-    aspect = case.spacing[1] / case.spacing[0]
-    for ax, k in zip(axes[:-1], ks, strict=False):
-        ax.imshow(flair[k], cmap="gray", aspect=aspect, vmax=np.percentile(flair[case.mask], 99.5))
-        ax.contour(truth[k], levels=[0.5], colors="lime", linewidths=1)
-        ax.contour(back[k], levels=[0.5], colors="red", linewidths=1, linestyles="--")
-        ax.set_title(f"axial slice {k}", color="white")
-        ax.axis("off")
-    ax = axes[-1]
-    ax.set_facecolor("black")
-    ax.plot(area * case.spacing[0] * case.spacing[1] / 100.0, color="orange")
-    ax.set_title("lesion area per slice (cm²)", color="white")
-    ax.tick_params(colors="white")
-    fig.suptitle("FLAIR, truth (green) vs mask after the model-space round trip (red)", color="white")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, facecolor="black")
-    plt.close(fig)
+    write_result(result, out)
+    return result.summary
 
 
 # --------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace, progress) -> int:
     out = Path(args.out)
-    summary = _atomic_folder(out, lambda tmp: run_demo(tmp, seed=args.seed, size=args.size, progress=progress))
+    summary = _atomic_folder(
+        out, lambda tmp: run_demo(tmp, seed=args.seed, bundle=args.bundle, device=args.device, progress=progress)
+    )
+    d = summary["demo"]
     print(
         json.dumps(
             {
-                k: summary[k]
+                k: d[k]
                 for k in (
                     "lesion_slices_truth",
-                    "lesion_slices_roundtrip",
-                    "dice_roundtrip_vs_truth",
+                    "lesion_slices_found",
+                    "dice_vs_truth",
                     "output_geometry_equals_input",
                     "seconds",
                 )
             }
         )
     )
-    files = "overview.png, summary.json, model_space_flair.nii.gz, lesion_roundtrip.nii.gz, inputs/"
-    print(f"outputs in {out}: {files}")
+    print(
+        f"verdict: {summary['verdict']}; most anomalous slice: {(summary['most_anomalous_slice'] or {}).get('slice')}"
+    )
+    print(
+        f"look at {out / 'overview.png'} (picture), {out / 'summary.json'}, {out / 'slices.csv'}, "
+        f"and the volumes {', '.join(v for k, v in summary['outputs'].items() if k in ('segmentation', 'heatmap'))} "
+        f"over {out / 'inputs'}/flair"
+    )
+    return 0
+
+
+def _detect_options(args: argparse.Namespace):
+    from .cli_support import parse_slice_range
+    from .pipeline import DetectOptions
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    if methods and any(m not in ("fpdm", "dode") for m in methods):
+        raise InputError(f"--methods takes fpdm, dode or fpdm,dode; got '{args.methods}'")
+    scales = tuple(int(s) for s in args.dode_scales.split(",")) if args.dode_scales else None
+    return DetectOptions(
+        methods=methods,
+        device=args.device,
+        w=args.w,
+        steps=args.steps,
+        stride=args.stride,
+        mode=args.mode,
+        early_stop=args.early_stop,
+        gate=args.gate,
+        cos_threshold=args.cos_threshold,
+        dode_threshold=args.dode_threshold,
+        dode_scales=scales,
+        dode_rtol=args.dode_tol,
+        faithful=args.faithful,
+        slice_range=parse_slice_range(args.slices),
+        seed=args.seed,
+    )
+
+
+def _cmd_detect(args: argparse.Namespace, progress) -> int:
+    from .bundle import open_bundle
+    from .outputs import output_suffix, write_result
+    from .pipeline import detect
+
+    options = _detect_options(args)
+    inputs = {"flair": args.flair, "t2": args.t2}
+    inputs.update({k: v for k, v in (("t1", args.t1), ("t1ce", args.t1ce)) if v})
+    for name, path in inputs.items():  # fail before creating anything
+        if not Path(path).is_file():
+            raise InputError(f"{name.upper()} file not found: '{path}'")
+    bundle = open_bundle(args.bundle)
+    out = Path(args.out)
+
+    def work(tmp: Path) -> dict:
+        result = detect(inputs, bundle=bundle, options=options, progress=progress)
+        output_suffix(result, args.format)  # validate before writing
+        write_result(result, tmp, fmt=args.format, overview=not args.no_overview)
+        return result.summary
+
+    summary = _atomic_folder(out, work)
+    most = summary["most_anomalous_slice"] or {}
+    print(
+        f"{summary['verdict']}; lesion volume {summary['lesion_volume_ml']} mL; most anomalous slice "
+        f"{most.get('slice')} ({most.get('why')}); {summary['timings_s']['total']:.1f} s on {summary['device']}"
+    )
+    print(f"outputs in {out}: {', '.join(summary['outputs'].values())}")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace, progress) -> int:
+    from .bundle import open_bundle
+
+    b = open_bundle(args.path)
+    if args.action == "verify":
+        print(f"OK: bundle '{b.name}' ({len(b.manifest['files'])} files, sha256 {b.sha256}) at {b.source}")
+        return 0
+    print(json.dumps(b.info(), indent=1))
     return 0
 
 
@@ -206,9 +259,11 @@ def _cmd_info(args: argparse.Namespace, progress) -> int:
 def _atomic_folder(out: Path, work):
     """Run ``work(tmp_folder)``; on success move its files into ``out`` (created if needed), on
     failure remove them, so that ``out`` never holds a half-finished result."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".partial-{int(time.time() * 1000)}"
     tmp.mkdir()
+    ok = False
     try:
         result = work(tmp)
         for item in tmp.iterdir():
@@ -218,9 +273,12 @@ def _atomic_folder(out: Path, work):
             elif dest.exists():
                 dest.unlink()
             item.rename(dest)
+        ok = True
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,11 +295,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="synthesise a phantom case and run the volume pipeline on it")
+    d = sub.add_parser("demo", help="make a phantom case with a lesion and run detect on it (embedded bundle)")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--seed", type=int, default=7, help="phantom seed (default 7)")
-    d.add_argument("--size", type=int, default=128, help="model slice size (default 128)")
+    d.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED})")
+    d.add_argument("--bundle", help="model bundle folder or zip (default: the embedded phantom-small bundle)")
+    d.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: GPU if present")
     d.set_defaults(func=_cmd_demo)
+
+    det = sub.add_parser(
+        "detect",
+        help="score slices and segment anomalies in one case",
+        description="Score every brain slice (AnoDODE) and segment anomalies (AnoFPDM) in a FLAIR + T2 case; "
+        "outputs go on the FLAIR grid.",
+        epilog="Outputs in --out: segmentation.<fmt> (uint8 labelmap, 1 = anomaly), heatmap.<fmt> (float32 "
+        "anomaly map), slices.csv (per-slice scores), summary.json (verdict, most anomalous slice, lesion volume, "
+        "timings, device, bundle), overview.png. Shortcuts the bundle enables for CPU budgets (step stride, "
+        "gating) are listed in summary.json; --faithful runs the papers' settings.",
+    )
+    det.add_argument("--flair", required=True, help="FLAIR volume (NIfTI, NRRD, MHA); its grid is the output grid")
+    det.add_argument("--t2", required=True, help="T2 volume (resampled onto the FLAIR grid if it differs)")
+    det.add_argument("--t1", help="T1 volume (only for bundles trained with it)")
+    det.add_argument("--t1ce", help="contrast-enhanced T1 volume (only for bundles trained with it)")
+    det.add_argument("--bundle", help="model bundle folder or zip (default: the embedded phantom-small bundle)")
+    det.add_argument("--out", required=True, help="output folder (created; files are replaced only on success)")
+    det.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N")
+    det.add_argument("--methods", help="fpdm, dode or fpdm,dode (default: all in the bundle)")
+    det.add_argument("--format", help="output volume format: nii.gz, nii, nrrd, mha (default: FLAIR's)")
+    det.add_argument("--faithful", action="store_true", help="paper settings: every step, no early stop, no gating")
+    det.add_argument(
+        "--gate",
+        choices=("none", "dode"),
+        help="run AnoFPDM on all brain slices or only on those AnoDODE flags (± 1 neighbour); default: the bundle's",
+    )
+    det.add_argument("--w", type=float, help="AnoFPDM guidance strength (default: calibrated w*)")
+    det.add_argument("--steps", type=int, help="AnoFPDM forward steps of T = 1000 (default: the bundle's)")
+    det.add_argument("--stride", type=int, help="visit every N-th forward step (default: the bundle's)")
+    det.add_argument("--mode", choices=("ddim", "ddpm"), help="forward encoding (default: the bundle's)")
+    det.add_argument(
+        "--early-stop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop a slice's forward process after its M_t peak (default: the bundle's)",
+    )
+    det.add_argument("--cos-threshold", type=float, help="AnoFPDM slice classifier threshold (default: calibrated)")
+    det.add_argument("--dode-threshold", type=float, help="AnoDODE decision threshold in bpd (default: calibrated)")
+    det.add_argument("--dode-scales", help="subset of the bundle's AnoDODE input scales, e.g. 128,192")
+    det.add_argument("--dode-tol", type=float, help="AnoDODE ODE rtol = atol (default: the bundle's)")
+    det.add_argument("--slices", metavar="START:STOP", help="canonical axial slice range (inferior = 0)")
+    det.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    det.add_argument("--no-overview", action="store_true", help="skip overview.png")
+    det.set_defaults(func=_cmd_detect)
+
+    bu = sub.add_parser("bundle", help="inspect or verify a model bundle")
+    bu.add_argument(
+        "action",
+        choices=("info", "verify"),
+        help="info: print the manifest summary; verify: check schema, version and every file's sha256",
+    )
+    bu.add_argument("path", nargs="?", default=None, help="bundle folder or zip (default: the embedded bundle)")
+    bu.set_defaults(func=_cmd_bundle)
 
     ph = sub.add_parser("phantom", help="write synthetic subjects as BraTS-style folders")
     ph.add_argument("--out", required=True, help="output folder (one sub-folder per subject)")

@@ -43,3 +43,44 @@ def real_case() -> Path:
     if not (REAL_CASE / "TCGA-DU-7294_fla.nii.gz").is_file():
         pytest.skip("real case ../shared/data/TCGA-DU-7294 not available")
     return REAL_CASE
+
+
+def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zip=False, seed=0) -> Path:
+    """An untrained bundle with tiny networks (32² slices, random-weight encoder at scale 64): for
+    format, loading and plumbing tests, never for accuracy."""
+    import torch
+
+    from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, write_bundle
+    from AnomalyDiffusionLib.diffusion import Schedule, UNet, unet_config
+    from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder
+    from AnomalyDiffusionLib.dode.model import DODEModel
+    from AnomalyDiffusionLib.dode.score import ScoreNet, score_config
+    from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
+
+    torch.manual_seed(seed)
+    manifest = {
+        "name": "tiny-test",
+        "description": "untrained tiny networks for tests",
+        "training_data": "none (random weights)",
+        "intended_use": "tests only; not for clinical use",
+        "methods": list(methods),
+        "modalities": ["flair", "t2"],
+        "slice_size": 32,
+    }
+    weights = {}
+    if "fpdm" in methods:
+        unet = UNet(unet_config("tiny", in_channels=2, image_size=32))
+        settings = FPDMSettings(w=2.0, steps=40, stride=10, batch_size=8)
+        cal = Calibration(w=2.0, cos_threshold=0.5, m_max=[0.1, 0.1], min_component=0)
+        manifest["fpdm"], files = fpdm_section(unet, Schedule(), settings, cal)
+        weights.update(files)
+    if "dode" in methods:
+        spec = EncoderSpec(pretrained=False, scales=(64,))
+        enc = build_encoder(spec)
+        net = ScoreNet(score_config("tiny", 192, 2))
+        dm = DODEModel(enc, spec, [64], [net], [Standardiser(np.zeros(192), np.ones(192))])
+        manifest["dode"], files = dode_section(
+            dm, decision_threshold=5.0, likelihood={"rtol": 1e-3, "atol": 1e-3, "probe": "rademacher"}
+        )
+        weights.update(files)
+    return write_bundle(out, manifest, weights, dtype=dtype, as_zip=as_zip)

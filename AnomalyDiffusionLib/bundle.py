@@ -1,0 +1,606 @@
+"""Model bundles: a folder (or a zip of one) holding ``manifest.json`` and ``*.safetensors`` files.
+
+A bundle is everything ``detect`` needs besides the volumes: which methods it holds, the modalities
+and their order, the slice size, the diffusion schedule, each network's configuration, the encoder
+(timm name, pretrained or not), the calibration (AnoFPDM: w*, cosine threshold, M_max, a, b, median
+size, minimum component size; AnoDODE: scales, feature standardisation, decision threshold) and the
+sha256 of every weight file.
+
+Opening a bundle (:func:`open_bundle`) checks, before any tensor is built:
+
+* the manifest's schema (required keys and their types) and its major format version (a bundle of
+  an unknown major version is refused; a newer minor version is read with a warning);
+* for a zip, that no member escapes the bundle (absolute names, ``..`` parts, links) — the zip is
+  read in memory and never extracted;
+* the sha256 and size of every listed file; files not listed are ignored.
+
+Weights are read with safetensors (never pickle) and loaded strictly into networks rebuilt from the
+manifest. Weight files may be stored as float16 to keep the embedded bundle small; they are cast back
+to float32 when loaded (``"dtype"`` per file in the manifest).
+
+:func:`write_bundle` is the only writer; training/calibration scripts assemble a manifest from their
+run folders with :func:`fpdm_section` / :func:`dode_section` and call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import AnomalyDiffusionError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "anomaly-diffusion-bundle"
+FORMAT_VERSION = "1.0"
+METHODS = ("fpdm", "dode")
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+#: where the embedded default bundle lives in a source checkout / the Slicer extension
+DEFAULT_BUNDLE_NAME = "phantom-small"
+
+
+class BundleError(AnomalyDiffusionError):
+    """A model bundle is missing, malformed, tampered with, or of an unsupported version."""
+
+
+# ------------------------------------------------------------------------------------ schema
+#: required keys → accepted types (a tuple means any of them); nested sections checked separately
+_TOP = {
+    "format": str,
+    "format_version": str,
+    "name": str,
+    "description": str,
+    "training_data": str,
+    "intended_use": str,
+    "methods": list,
+    "modalities": list,
+    "slice_size": int,
+    "files": dict,
+}
+_FPDM = {
+    "weights": str,
+    "network": dict,
+    "schedule": dict,
+    "settings": dict,
+    "calibration": dict,
+}
+_FPDM_CAL = {
+    "w": (int, float),
+    "cos_threshold": (int, float),
+    "m_max": list,
+    "a": (int, float),
+    "b": (int, float),
+    "median_size": int,
+    "min_component": int,
+}
+_DODE = {
+    "modality": str,
+    "encoder": dict,
+    "sde": dict,
+    "scales": list,
+    "score_networks": dict,
+    "likelihood": dict,
+    "decision_threshold": (int, float, type(None)),
+}
+_ENCODER = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
+_SCORE = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
+_FILE = {"sha256": str, "bytes": int}
+
+
+def _require(d: object, spec: Mapping[str, type | tuple], where: str) -> None:
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest: {where} must be an object")
+    for key, typ in spec.items():
+        if key not in d:
+            raise BundleError(f"manifest: {where} lacks '{key}'")
+        val = d[key]
+        types = typ if isinstance(typ, tuple) else (typ,)
+        if isinstance(val, bool) and bool not in types:  # JSON true is not a number here
+            raise BundleError(f"manifest: {where}.{key} has the wrong type (bool)")
+        if not isinstance(val, types):
+            raise BundleError(f"manifest: {where}.{key} has the wrong type ({type(val).__name__})")
+
+
+def validate_manifest(m: object) -> dict:
+    """Check a manifest's schema and version; returns it. Raises :class:`BundleError` naming the
+    first problem."""
+    _require(m, _TOP, "top level")
+    assert isinstance(m, dict)
+    if m["format"] != FORMAT:
+        raise BundleError(f"not an AnomalyDiffusion bundle (format {m['format']!r}, expected {FORMAT!r})")
+    try:
+        major, minor = (int(p) for p in m["format_version"].split("."))
+    except ValueError:
+        raise BundleError(f"manifest: unreadable format_version {m['format_version']!r}") from None
+    my_major, my_minor = (int(p) for p in FORMAT_VERSION.split("."))
+    if major != my_major:
+        raise BundleError(
+            f"bundle format version {m['format_version']} is not supported (this library reads {my_major}.x); "
+            "use a matching AnomalyDiffusion version"
+        )
+    if minor > my_minor:
+        log.warning(
+            "bundle format %s is newer than this library's %s; unknown fields are ignored",
+            m["format_version"],
+            FORMAT_VERSION,
+        )
+    methods = m["methods"]
+    if not methods or any(x not in METHODS for x in methods) or len(set(methods)) != len(methods):
+        raise BundleError(f"manifest: methods must be a non-empty subset of {list(METHODS)}, not {methods}")
+    mods = m["modalities"]
+    if not mods or any(x not in MODALITIES for x in mods) or len(set(mods)) != len(mods):
+        raise BundleError(f"manifest: modalities must be distinct names from {list(MODALITIES)}, not {mods}")
+    if m["slice_size"] < 8:
+        raise BundleError(f"manifest: slice_size {m['slice_size']} is too small")
+    for name, entry in m["files"].items():
+        _safe_member(name)
+        _require(entry, _FILE, f"files['{name}']")
+        if len(entry["sha256"]) != 64:
+            raise BundleError(f"manifest: files['{name}'].sha256 is not a sha256 hex digest")
+    if "fpdm" in methods:
+        f = m.get("fpdm")
+        _require(f, _FPDM, "fpdm")
+        _require(f["calibration"], _FPDM_CAL, "fpdm.calibration")
+        _need_file(m, f["weights"], "fpdm.weights")
+        mc = f["settings"].get("map_channels")
+        n_map = len(mods) if mc is None else len(mc)
+        if len(f["calibration"]["m_max"]) != n_map:
+            raise BundleError(
+                f"manifest: fpdm.calibration.m_max has {len(f['calibration']['m_max'])} value(s) "
+                f"for {n_map} map channel(s)"
+            )
+        if f["network"].get("in_channels") != len(mods) or f["network"].get("image_size") != m["slice_size"]:
+            raise BundleError("manifest: fpdm.network does not match the bundle's modalities/slice_size")
+    if "dode" in methods:
+        d = m.get("dode")
+        _require(d, _DODE, "dode")
+        _require(d["encoder"], _ENCODER, "dode.encoder")
+        _need_file(m, d["encoder"]["weights"], "dode.encoder.weights")
+        if d["modality"] not in mods:
+            raise BundleError(f"manifest: dode.modality {d['modality']!r} is not among the modalities {mods}")
+        if not d["scales"] or any(not isinstance(s, int) or s < 32 for s in d["scales"]):
+            raise BundleError(f"manifest: dode.scales must be input sizes ≥ 32, not {d['scales']}")
+        for s in d["scales"]:
+            sn = d["score_networks"].get(str(s))
+            _require(sn, _SCORE, f"dode.score_networks['{s}']")
+            _need_file(m, sn["weights"], f"dode.score_networks['{s}'].weights")
+            c = sn["network"].get("in_channels")
+            if len(sn["feature_mean"]) != c or len(sn["feature_std"]) != c:
+                raise BundleError(f"manifest: feature standardisation of scale {s} does not have {c} channels")
+        dec = d.get("decoder")
+        if dec is not None:
+            _require(dec, {"weights": str, "scale": int, "config": dict}, "dode.decoder")
+            _need_file(m, dec["weights"], "dode.decoder.weights")
+    return m
+
+
+def _need_file(m: dict, name: str, where: str) -> None:
+    if name not in m["files"]:
+        raise BundleError(f"manifest: {where} names '{name}', which is not listed under files")
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    """A bundle-relative file name that cannot escape the bundle folder."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    if not name or p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
+        raise BundleError(f"bundle member '{name}' points outside the bundle; refusing it")
+    return p
+
+
+# -------------------------------------------------------------------------------------- reading
+@dataclass
+class Bundle:
+    """A verified bundle in memory: its manifest, file bytes and identity.
+
+    ``sha256`` is the hash of ``manifest.json``: the manifest lists every file's hash, so it names
+    the bundle's whole content.
+    """
+
+    manifest: dict
+    source: Path
+    sha256: str
+    files: dict[str, bytes] = field(repr=False, default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest["methods"])
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest["modalities"])
+
+    @property
+    def slice_size(self) -> int:
+        return int(self.manifest["slice_size"])
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one weight file, floating point cast to float32."""
+        from safetensors.torch import load
+
+        if name not in self.files:
+            raise BundleError(f"bundle '{self.name}' has no file '{name}'")
+        try:
+            state = load(self.files[name])
+        except Exception as exc:  # safetensors' own error types
+            raise BundleError(f"bundle file '{name}' is not a readable safetensors file ({exc})") from None
+        return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+    # ---- method models
+    def fpdm(self, device: str | torch.device = "cpu"):
+        """``(unet, schedule, settings, calibration)`` for AnoFPDM."""
+        from .diffusion import Schedule, UNet, UNetConfig
+        from .fpdm import Calibration, FPDMSettings
+        from .trainer import load_weights
+
+        if "fpdm" not in self.methods:
+            raise BundleError(f"bundle '{self.name}' holds no AnoFPDM model (methods: {self.methods})")
+        f = self.manifest["fpdm"]
+        try:
+            cfg = UNetConfig.from_dict(f["network"])
+            sch = f["schedule"]
+            schedule = Schedule(
+                steps=int(sch["steps"]), beta_start=float(sch["beta_start"]), beta_end=float(sch["beta_end"])
+            )
+            settings = FPDMSettings.from_dict(f["settings"])
+            cal_d = dict(f["calibration"])
+            cal = Calibration(**{k: cal_d[k] for k in Calibration.__dataclass_fields__ if k in cal_d})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"bundle '{self.name}': invalid fpdm section ({exc})") from None
+        if sch.get("kind", "linear") != "linear":
+            raise BundleError(f"bundle '{self.name}': unsupported diffusion schedule {sch.get('kind')!r}")
+        model = UNet(cfg)
+        load_weights(model, self.tensors(f["weights"]), what=f"'{f['weights']}' in bundle '{self.name}'")
+        return model.to(device).eval(), schedule, settings, cal
+
+    def dode(self, device: str | torch.device = "cpu"):
+        """The AnoDODE model (:class:`~AnomalyDiffusionLib.dode.model.DODEModel`)."""
+        from .diffusion import UNetConfig
+        from .dode.features import EncoderSpec, Standardiser, build_encoder
+        from .dode.model import DODEModel
+        from .dode.score import ScoreNet
+        from .dode.sde import VPSDE
+        from .trainer import load_weights
+
+        if "dode" not in self.methods:
+            raise BundleError(f"bundle '{self.name}' holds no AnoDODE model (methods: {self.methods})")
+        d = self.manifest["dode"]
+        e = d["encoder"]
+        scales = [int(s) for s in d["scales"]]
+        spec = EncoderSpec(
+            name=e["timm_name"], stages=int(e["stages"]), pretrained=bool(e["pretrained"]), scales=tuple(scales)
+        )
+        encoder = build_encoder(spec, state=self.tensors(e["weights"])).to(device)
+        sde = VPSDE(float(d["sde"].get("beta_min", 0.1)), float(d["sde"].get("beta_max", 20.0)))
+        nets, stds = [], []
+        for s in scales:
+            sn = d["score_networks"][str(s)]
+            net = ScoreNet(UNetConfig.from_dict(sn["network"]), sde)
+            load_weights(net, self.tensors(sn["weights"]), what=f"'{sn['weights']}' in bundle '{self.name}'")
+            nets.append(net.to(device).eval())
+            stds.append(Standardiser(np.asarray(sn["feature_mean"]), np.asarray(sn["feature_std"])))
+        return DODEModel(encoder=encoder, spec=spec, scales=scales, nets=nets, standardisers=stds)
+
+    def decoder(self, device: str | torch.device = "cpu"):
+        """``(decoder, scale, settings)`` of the AnoDODE localisation decoder, or None if absent."""
+        from .dode.decoder import Decoder
+        from .trainer import load_weights
+
+        dec = (self.manifest.get("dode") or {}).get("decoder")
+        if dec is None:
+            return None
+        cfg = dec["config"]
+        net = Decoder(int(cfg["in_channels"]), base=int(cfg["base"]), mults=tuple(cfg["mults"]))
+        load_weights(net, self.tensors(dec["weights"]), what=f"'{dec['weights']}' in bundle '{self.name}'")
+        return (
+            net.to(device).eval(),
+            int(dec["scale"]),
+            {k: v for k, v in dec.items() if k not in ("weights", "config")},
+        )
+
+    def info(self) -> dict:
+        """A short, JSON-ready description (for ``bundle info`` and outputs)."""
+        m = self.manifest
+        out = {
+            "name": m["name"],
+            "sha256": self.sha256,
+            "source": str(self.source),
+            "format_version": m["format_version"],
+            "description": m["description"],
+            "training_data": m["training_data"],
+            "intended_use": m["intended_use"],
+            "methods": m["methods"],
+            "modalities": m["modalities"],
+            "slice_size": m["slice_size"],
+            "files": {k: v["bytes"] for k, v in m["files"].items()},
+            "total_bytes": sum(v["bytes"] for v in m["files"].values()),
+        }
+        if "fpdm" in m["methods"]:
+            out["fpdm"] = {
+                "calibration": m["fpdm"]["calibration"],
+                "settings": m["fpdm"]["settings"],
+                "network": m["fpdm"]["network"],
+            }
+        if "dode" in m["methods"]:
+            d = m["dode"]
+            out["dode"] = {
+                "encoder": {k: v for k, v in d["encoder"].items() if k != "weights"},
+                "scales": d["scales"],
+                "decision_threshold": d["decision_threshold"],
+                "likelihood": d["likelihood"],
+                "decoder": None if d.get("decoder") is None else d["decoder"]["scale"],
+            }
+        return out
+
+
+def _read_folder(path: Path) -> tuple[bytes, dict[str, bytes]]:
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise BundleError(f"'{path}' is not a model bundle (no manifest.json)")
+    manifest_bytes = mpath.read_bytes()
+    manifest = _parse(manifest_bytes, path)
+    files = {}
+    root = path.resolve()
+    for name in manifest.get("files", {}):
+        rel = _safe_member(name)
+        fp = path / rel
+        if fp.is_symlink() or not fp.resolve().is_relative_to(root):
+            raise BundleError(f"bundle member '{name}' points outside the bundle; refusing it")
+        if not fp.is_file():
+            raise BundleError(f"bundle '{path}' lacks the file '{name}' listed in its manifest")
+        files[name] = fp.read_bytes()
+    return manifest_bytes, files
+
+
+def _read_zip(path: Path) -> tuple[bytes, dict[str, bytes]]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"'{path}' is not a readable zip file ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        for info in infos:  # refuse the whole archive if any member could escape on extraction
+            _safe_member(info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BundleError(f"bundle member '{info.filename}' is a link; refusing it")
+        names = {i.filename: i for i in infos if not i.is_dir()}
+        # a zip of the folder itself ("bundle/manifest.json") or of its contents ("manifest.json")
+        prefix = ""
+        if "manifest.json" not in names:
+            tops = [n for n in names if n.endswith("/manifest.json") and n.count("/") == 1]
+            if len(tops) != 1:
+                raise BundleError(f"'{path}' is not a model bundle (no manifest.json in the zip)")
+            prefix = tops[0][: -len("manifest.json")]
+        manifest_bytes = zf.read(prefix + "manifest.json")
+        manifest = _parse(manifest_bytes, path)
+        files = {}
+        for name in manifest.get("files", {}):
+            _safe_member(name)
+            key = prefix + name
+            if key not in names:
+                raise BundleError(f"bundle '{path}' lacks the file '{name}' listed in its manifest")
+            files[name] = zf.read(key)
+    return manifest_bytes, files
+
+
+def _parse(manifest_bytes: bytes, where: Path) -> dict:
+    try:
+        m = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json in '{where}' is not valid JSON ({exc})") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"manifest.json in '{where}' is not a JSON object")
+    return m
+
+
+def open_bundle(path: str | os.PathLike | None = None) -> Bundle:
+    """Read and verify a bundle folder or zip (``None``: the embedded default bundle).
+
+    Raises :class:`BundleError` for a missing path, a malformed or unsupported manifest, an unsafe zip
+    member, or any file whose size or sha256 differs from the manifest.
+    """
+    p = default_bundle_path() if path is None else Path(path)
+    if not p.exists():
+        raise BundleError(f"model bundle not found: '{p}'")
+    if p.is_dir():
+        manifest_bytes, files = _read_folder(p)
+    elif zipfile.is_zipfile(p):
+        manifest_bytes, files = _read_zip(p)
+    else:
+        raise BundleError(f"'{p}' is neither a bundle folder nor a zip file")
+    manifest = validate_manifest(_parse(manifest_bytes, p))
+    for name, entry in manifest["files"].items():
+        data = files[name]
+        if len(data) != entry["bytes"]:
+            raise BundleError(
+                f"bundle file '{name}' has {len(data)} bytes, the manifest says {entry['bytes']}: "
+                "the bundle was modified or is incomplete"
+            )
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise BundleError(
+                f"bundle file '{name}' does not match its sha256 in the manifest: the bundle was modified"
+            )
+    return Bundle(manifest=manifest, source=p, sha256=hashlib.sha256(manifest_bytes).hexdigest(), files=files)
+
+
+def default_bundle_path() -> Path:
+    """The embedded default bundle: ``$ANOMALY_DIFFUSION_BUNDLE`` if set, else
+    ``Resources/Bundles/phantom-small`` next to the package (source checkout / Slicer extension)."""
+    env = os.environ.get("ANOMALY_DIFFUSION_BUNDLE")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for base in (here.parent / "Resources" / "Bundles", here / "Resources" / "Bundles"):
+        cand = base / DEFAULT_BUNDLE_NAME
+        if cand.exists():
+            return cand
+    raise BundleError(
+        "the embedded default bundle was not found (expected Resources/Bundles/phantom-small beside the "
+        "package); pass --bundle PATH or set ANOMALY_DIFFUSION_BUNDLE"
+    )
+
+
+# -------------------------------------------------------------------------------------- writing
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor], dtype: str) -> bytes:
+    from safetensors.torch import save
+
+    want = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            if dtype == "float16" and v.abs().max() > 6.0e4:
+                raise BundleError(f"tensor '{k}' exceeds the float16 range; write the bundle as float32")
+            v = v.to(want)
+        out[k] = v.contiguous()
+    return save(out)
+
+
+def write_bundle(
+    out: str | os.PathLike,
+    manifest: dict,
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    dtype: str = "float32",
+    as_zip: bool = False,
+) -> Path:
+    """Write a bundle atomically: ``manifest`` (without ``files``) plus ``weights`` (file name →
+    state dict). Fills ``format``, ``format_version``, ``created``, ``library_version`` and ``files``
+    (sha256, bytes, dtype), validates the result, and moves it into place only when complete."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError("dtype must be 'float32' or 'float16'")
+    blobs = {name: _tensor_bytes(t, dtype) for name, t in weights.items()}
+    m = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "library_version": __version__,
+        **{k: v for k, v in manifest.items() if k != "files"},
+        "files": {
+            name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b), "dtype": dtype}
+            for name, b in blobs.items()
+        },
+    }
+    validate_manifest(json.loads(json.dumps(m)))  # what a reader will see
+    text = json.dumps(m, indent=1).encode()
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if as_zip:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+                zf.writestr("manifest.json", text)
+                for name, b in blobs.items():
+                    zf.writestr(name, b)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for name, b in blobs.items():
+            fp = tmpdir / _safe_member(name)
+            fp.parent.mkdir(parents=True, exist_ok=True)
+            fp.write_bytes(b)
+        (tmpdir / "manifest.json").write_bytes(text)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{int(time.time() * 1000)}")
+            dest.rename(old)
+            tmpdir.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmpdir.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return dest
+
+
+# ------------------------------------------------------------------------ assembling from runs
+def fpdm_section(
+    model, schedule, settings, calibration, weights: str = "fpdm.safetensors", **extra
+) -> tuple[dict, dict]:
+    """Manifest section and weight files for an AnoFPDM model: ``({"fpdm": ...}, {file: state})``."""
+    sec = {
+        "weights": weights,
+        "network": model.config.as_dict(),
+        "schedule": schedule.as_dict(),
+        "settings": settings.as_dict(),
+        "calibration": calibration.as_dict(),
+        **extra,
+    }
+    return sec, {weights: model.state_dict()}
+
+
+def dode_section(
+    dode_model,
+    decision_threshold: float | None,
+    likelihood: dict,
+    modality: str = "flair",
+    decoder=None,
+    decoder_scale: int | None = None,
+    decoder_settings: dict | None = None,
+    encoder_source: str = "",
+) -> tuple[dict, dict]:
+    """Manifest section and weight files for an AnoDODE model (encoder cut, score nets, optional
+    decoder). Only the encoder's kept stages are stored."""
+    spec = dode_model.spec
+    files: dict[str, dict] = {"dode_encoder.safetensors": dode_model.encoder.state_dict()}
+    # timm-style names so build_encoder(state=...) loads them into the full network
+    sec: dict = {
+        "modality": modality,
+        "encoder": {
+            "weights": "dode_encoder.safetensors",
+            "timm_name": spec.name,
+            "stages": spec.stages,
+            "pretrained": spec.pretrained,
+            "source": encoder_source,
+        },
+        "sde": {
+            "kind": "vp",
+            "beta_min": float(dode_model.nets[0].sde.beta_min),
+            "beta_max": float(dode_model.nets[0].sde.beta_max),
+        },
+        "scales": [int(s) for s in dode_model.scales],
+        "score_networks": {},
+        "likelihood": likelihood,
+        "decision_threshold": None if decision_threshold is None else float(decision_threshold),
+        "decoder": None,
+    }
+    for s, net, std in zip(dode_model.scales, dode_model.nets, dode_model.standardisers, strict=True):
+        name = f"dode_score_{s}.safetensors"
+        files[name] = net.state_dict()
+        sec["score_networks"][str(s)] = {
+            "weights": name,
+            "network": net.config.as_dict(),
+            "feature_mean": [float(v) for v in std.mean],
+            "feature_std": [float(v) for v in std.std],
+        }
+    if decoder is not None:
+        name = f"dode_decoder_{decoder_scale}.safetensors"
+        files[name] = decoder.state_dict()
+        sec["decoder"] = {
+            "weights": name,
+            "scale": int(decoder_scale),
+            "config": decoder.config,
+            **(decoder_settings or {}),
+        }
+    return sec, files

@@ -1,0 +1,159 @@
+"""Model bundles: round trip, float16 storage, and every refusal (tamper, version, unsafe zip, schema)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_bundle
+
+from AnomalyDiffusionLib.bundle import BundleError, open_bundle, validate_manifest
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("b") / "tiny")
+
+
+def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip_rebuilds_identical_networks(tmp_path):
+    path = make_tiny_bundle(tmp_path / "b", seed=3)
+    torch.manual_seed(3)  # make_tiny_bundle draws the FPDM UNet first from this seed
+    from AnomalyDiffusionLib.diffusion import UNet, unet_config
+
+    expected = UNet(unet_config("tiny", in_channels=2, image_size=32))
+    b = open_bundle(path)
+    unet, schedule, settings, cal = b.fpdm()
+    assert _state_equal(unet, expected)
+    assert (schedule.steps, schedule.beta_start, schedule.beta_end) == (1000, 1e-4, 0.02)
+    assert settings.stride == 10 and cal.m_max == [0.1, 0.1] and cal.min_component == 0
+    dm = b.dode()
+    assert dm.scales == [64] and dm.spec.pretrained is False and dm.nets[0].config.in_channels == 192
+    np.testing.assert_array_equal(dm.standardisers[0].std, np.ones(192))
+    assert b.modalities == ["flair", "t2"] and b.slice_size == 32
+    info = b.info()
+    assert info["sha256"] == b.sha256 and len(b.sha256) == 64
+    assert set(info["files"]) == {"fpdm.safetensors", "dode_encoder.safetensors", "dode_score_64.safetensors"}
+
+
+def test_float16_storage_halves_size_and_loads_as_float32(tmp_path):
+    full = open_bundle(make_tiny_bundle(tmp_path / "f32", methods=("fpdm",)))
+    half = open_bundle(make_tiny_bundle(tmp_path / "f16", methods=("fpdm",), dtype="float16"))
+    assert half.info()["total_bytes"] < 0.6 * full.info()["total_bytes"]
+    a = full.tensors("fpdm.safetensors")
+    b = half.tensors("fpdm.safetensors")
+    for k in a:
+        assert b[k].dtype == a[k].dtype
+        # float16 keeps 11 significant bits: relative rounding error ≤ 2^-11
+        np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=2**-11, atol=6e-8)
+
+
+def test_zip_forms_load(tmp_path, tiny):
+    z1 = make_tiny_bundle(tmp_path / "b.zip", as_zip=True)
+    assert open_bundle(z1).methods == ["fpdm", "dode"]
+    # a zip of the folder itself (members under "tiny/")
+    z2 = tmp_path / "folder.zip"
+    with zipfile.ZipFile(z2, "w") as zf:
+        for f in tiny.iterdir():
+            zf.write(f, f"tiny/{f.name}")
+    assert open_bundle(z2).sha256 == open_bundle(tiny).sha256
+
+
+def test_tampered_file_is_refused(tmp_path, tiny):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    f = bad / "fpdm.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x01  # one bit in the last tensor's data: same size, different hash
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        open_bundle(bad)
+    f.write_bytes(bytes(data[:-1]))
+    with pytest.raises(BundleError, match="bytes"):
+        open_bundle(bad)
+    f.unlink()
+    with pytest.raises(BundleError, match="lacks the file"):
+        open_bundle(bad)
+
+
+def _edit_manifest(src, dst, edit):
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_versions(tmp_path, tiny):
+    major = _edit_manifest(tiny, tmp_path / "v2", lambda m: m.update(format_version="2.0"))
+    with pytest.raises(BundleError, match=r"version 2\.0 is not supported"):
+        open_bundle(major)
+    minor = _edit_manifest(tiny, tmp_path / "v1_9", lambda m: m.update(format_version="1.9", future_field=1))
+    assert open_bundle(minor).name == "tiny-test"
+    other = _edit_manifest(tiny, tmp_path / "other", lambda m: m.update(format="something-else"))
+    with pytest.raises(BundleError, match="not an AnomalyDiffusion bundle"):
+        open_bundle(other)
+
+
+def test_zip_with_escaping_member_is_refused(tmp_path, tiny):
+    for evil in ("../evil.txt", "/etc/evil", "a/../../evil"):
+        z = tmp_path / f"evil{abs(hash(evil))}.zip"
+        with zipfile.ZipFile(z, "w") as zf:
+            for f in tiny.iterdir():
+                zf.write(f, f.name)
+            zf.writestr(evil, b"x")
+        with pytest.raises(BundleError, match="outside the bundle"):
+            open_bundle(z)
+
+
+def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
+    def edit(m):
+        m["files"]["../x.safetensors"] = m["files"].pop("fpdm.safetensors")
+        m["fpdm"]["weights"] = "../x.safetensors"
+
+    with pytest.raises(BundleError, match="outside the bundle"):
+        open_bundle(_edit_manifest(tiny, tmp_path / "esc", edit))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("modalities"), "lacks 'modalities'"),
+        (lambda m: m.update(slice_size="64"), "slice_size has the wrong type"),
+        (lambda m: m.update(methods=["fpdm", "magic"]), "methods must be"),
+        (lambda m: m["fpdm"]["calibration"].pop("cos_threshold"), "lacks 'cos_threshold'"),
+        (lambda m: m["fpdm"]["calibration"].update(m_max=[0.1]), "m_max has 1 value"),
+        (lambda m: m["dode"].update(modality="pd"), "not among the modalities"),
+        (lambda m: m["dode"]["score_networks"]["64"].update(feature_std=[1.0]), "standardisation"),
+        (lambda m: m["fpdm"].update(weights="missing.safetensors"), "not listed under files"),
+    ],
+)
+def test_schema_errors_name_the_problem(tiny, edit, message):
+    m = json.loads((tiny / "manifest.json").read_text())
+    edit(m)
+    with pytest.raises(BundleError, match=message):
+        validate_manifest(m)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        open_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        open_bundle(tmp_path / "empty")
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(BundleError, match="neither"):
+        open_bundle(tmp_path / "junk.bin")
+    bad = tmp_path / "badjson"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(bad)

@@ -221,6 +221,8 @@ def detect(
                 seed=opt.seed + i,
                 rtol=rtol,
                 atol=atol,
+                method=lk.get("method", "dopri5"),
+                steps=lk.get("steps"),
             )
             report(progress, "dode", min(1.0, (i + step) / len(idx)), "slice likelihoods")
         score = per_scale.mean(1)
@@ -238,9 +240,13 @@ def detect(
             "decision_threshold_bpd": thr,
             "rtol": rtol,
             "atol": atol,
+            "solver": lk.get("method", "dopri5"),
             "slices_flagged": int(dode_flag.sum()),
         }
-        if rtol > 1e-5 or atol > 1e-5:
+        method = lk.get("method", "dopri5")
+        if method != "dopri5":
+            shortcuts.append(f"AnoDODE fixed-grid ODE solver {method} with {lk.get('steps')} steps")
+        elif rtol > 1e-5 or atol > 1e-5:
             shortcuts.append(f"AnoDODE ODE tolerance {rtol:g} (paper/score_sde default 1e-5)")
         timings["dode"] = time.perf_counter() - t
         del model

@@ -80,7 +80,9 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
         net = ScoreNet(score_config("tiny", 192, 2))
         dm = DODEModel(enc, spec, [64], [net], [Standardiser(np.zeros(192), np.ones(192))])
         manifest["dode"], files = dode_section(
-            dm, decision_threshold=5.0, likelihood={"rtol": 1e-3, "atol": 1e-3, "probe": "rademacher"}
+            dm,
+            decision_threshold=5.0,
+            likelihood={"method": "rk4", "steps": 2, "rtol": 1e-3, "atol": 1e-3, "probe": "rademacher"},
         )
         weights.update(files)
     return write_bundle(out, manifest, weights, dtype=dtype, as_zip=as_zip)

@@ -66,10 +66,13 @@ def score_slices(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     batch_size: int = 64,
+    method: str = "dopri5",
+    steps: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """bpd per scale [N, n_scales] and the anomaly score S = mean over scales (eq. 13) [N] of grey
     slices [N, 1, S, S] in [-1, 1]. ``solver``: "torch" (batched, all scales at once) or "scipy"
-    (the paper's per-sample RK45)."""
+    (the paper's per-sample RK45). ``method``/``steps``: the torch solver (see
+    :func:`~AnomalyDiffusionLib.dode.likelihood.likelihood_torch`)."""
     x = torch.as_tensor(np.asarray(slices) if isinstance(slices, np.ndarray) else slices)
     if x.ndim == 3:
         x = x[:, None]
@@ -92,7 +95,9 @@ def score_slices(
     for i in range(0, n, batch_size):
         part = [zz[i : i + batch_size] for zz in z]
         if solver == "torch":
-            res = likelihood_torch(fns, part, probe=probe, seed=seed + i, rtol=rtol, atol=atol)
+            res = likelihood_torch(
+                fns, part, probe=probe, seed=seed + i, rtol=rtol, atol=atol, method=method, steps=steps
+            )
         elif solver == "scipy":
             res = [
                 likelihood_scipy(fn, zz, probe=probe, seed=seed + i, rtol=rtol, atol=atol)

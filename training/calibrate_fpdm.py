@@ -130,6 +130,8 @@ def calibrate(args) -> dict:
         b=args.b,
         median_size=args.median_size,
         min_component=args.min_component,
+        # image-level quantity (no pixel labels): how much of a lesion slice the brain covers
+        brain_fraction=float(best.foreground[labels.astype(bool)].mean()) if labels.any() else None,
     )
     settings = FPDMSettings(**{**st.__dict__, "w": w_star})
     return {

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--p-uncond", type=float, default=0.1, help="probability of replacing the label by null (default 0.1)"
     )
+    p.add_argument(
+        "--max-t",
+        type=int,
+        default=None,
+        help="draw training steps t only below this (default: all T = 1000, as the paper). AnoFPDM never "
+        "visits steps past its forward steps (600), so a CPU run may spend its budget there; such a model "
+        "cannot generate images from pure noise",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for batches, noise and initialisation (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint exactly where it stopped")
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         per_rank = args.batch_size // dist.world
         schedule = Schedule()
         abar = schedule.tensor(dist.device)
+        max_t = schedule.steps if args.max_t is None else args.max_t
+        if not 1 <= max_t <= schedule.steps:
+            raise AnomalyDiffusionError(f"--max-t must be within 1..{schedule.steps}, not {args.max_t}")
         torch.manual_seed(args.seed)
         model = UNet(cfg)
         if dist.main:
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             x0 = torch.from_numpy(np.asarray(images[idx][:, chans], dtype=np.float32)).to(dist.device)
             y = labels[idx].copy()
             y[rng.random(per_rank) < args.p_uncond] = NULL  # classifier-free guidance: null label
-            t = torch.from_numpy(rng.integers(0, schedule.steps, per_rank)).to(dist.device)
+            t = torch.from_numpy(rng.integers(0, max_t, per_rank)).to(dist.device)
             noise = torch.randn(x0.shape).to(dist.device)
             x_t = q_sample(x0, t, noise, abar)
             return F.mse_loss(net(x_t, t, torch.from_numpy(y).to(dist.device)).float(), noise)
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 training_data=source,
                 ema=args.ema,
                 p_uncond=args.p_uncond,
+                max_t=max_t,
             )
             (args.out / "train_args.json").write_text(json.dumps(run["args"], indent=1))
             last = history[-1] if history else {}

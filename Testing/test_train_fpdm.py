@@ -123,6 +123,15 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
         assert rep["validation"]["pixel_labels_used"] is False and rep["validation"]["slices"] == 40
         assert rep["calibration"]["w"] in (0.0, 1.0, 3.0) and len(rep["calibration"]["m_max"]) == 2
         assert rep["settings"]["mode"] == mode and rep["settings"]["w"] == rep["calibration"]["w"]
+        assert 0 < rep["calibration"]["brain_fraction"] < 1
+    # the calibration also becomes a bundle that detect can open
+    from AnomalyDiffusionLib.bundle import open_bundle
+
+    assert calibrate_fpdm.main([*common, "--w", "0,1", "--threads", "1", "--bundle", str(tmp_path / "bun")]) == 0
+    b = open_bundle(tmp_path / "bun")
+    assert b.methods == ["fpdm"] and b.manifest["fpdm"]["settings"]["stride"] == 50
+    unet, _, _, cal = b.fpdm()
+    assert cal.brain_fraction is not None and unet.config.image_size == 32
     assert (
         evaluate_fpdm.main(
             [

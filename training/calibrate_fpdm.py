@@ -14,6 +14,7 @@ The cosine threshold depends on the encoding, so each mode (ddim, ddpm) is calib
 Examples:
   python training/calibrate_fpdm.py --model runs/fpdm/fpdm.safetensors --data data/brats128 --max-slices 1000
   python training/calibrate_fpdm.py --model runs/fpdm_small --phantom 6 --w 0,1,2,3,5 --stride 10
+  python training/calibrate_fpdm.py --model runs/fpdm --data data/brats128 --bundle bundles/brats-fpdm
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_forward_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the model's folder)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="also write an AnoFPDM-only model bundle here (make_bundle.py combines AnoFPDM and AnoDODE)",
+    )
     return p
 
 
@@ -193,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         f"w* = {c['w']:g}, cosine threshold {c['cos_threshold']:.5f}, M_max {[f'{m:.3g}' for m in c['m_max']]}; "
         f"{report['validation']['slices']} slices in {report['seconds']} s -> {out / (name + '.json')}"
     )
+    if args.bundle:
+        import make_bundle  # beside this script
+
+        return make_bundle.main(
+            ["--fpdm", str(args.model), "--fpdm-calibration", str(out / f"{name}.json"), "--out", str(args.bundle)]
+        )
     return 0
 
 

@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     sink = {"bar": TqdmProgress, "jsonl": JsonlProgress}.get(args.progress)
+    _cancel_on_sigterm()
     try:
         if sink is None:
             return args.func(args, None)
@@ -395,6 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _cancel_on_sigterm() -> None:
+    """Turn SIGTERM (the Slicer module's Cancel) into :class:`Cancelled`, so that ``finally`` blocks
+    remove partial outputs before the process ends."""
+    import signal
+    import threading
+
+    from .errors import Cancelled
+
+    def handler(signum, frame):
+        raise Cancelled("cancelled")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""What the Slicer module decides, tested without Slicer: command line, progress stream, process
+tree cancellation, output → node plan, table columns, the slice to jump to."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+from conftest import make_tiny_bundle
+
+from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, write_case
+from AnomalyDiffusionLib.slicer_bridge import (
+    SEGMENT_TERMINOLOGY,
+    DetectProcess,
+    DetectRequest,
+    ProgressState,
+    detect_command,
+    jump_target,
+    output_plan,
+    parse_progress_line,
+    plot_series,
+    read_table,
+    status_after,
+)
+
+
+@pytest.fixture(scope="module")
+def case_and_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge")
+    ph = make_subject(21, PhantomOptions(spacing=3.0, n_lesions=1, modalities=("flair", "t2")))
+    return write_case(ph, root, "c"), make_tiny_bundle(root / "tiny")
+
+
+def test_command_line_is_exact():
+    req = DetectRequest(
+        inputs={"flair": "/d/f.nrrd", "t2": "/d/t2.nrrd", "t1": ""},
+        out_dir="/tmp/o",
+        device="cpu",
+        methods=("fpdm",),
+        w=2.0,
+        early_stop=False,
+        stride=10,
+        dode_scales=(128, 192),
+    )
+    assert detect_command(req, python="/slicer/bin/PythonSlicer") == [
+        "/slicer/bin/PythonSlicer", "-m", "AnomalyDiffusionLib.cli", "--progress", "jsonl", "detect",
+        "--flair", "/d/f.nrrd", "--t2", "/d/t2.nrrd", "--out", "/tmp/o", "--device", "cpu", "--methods", "fpdm",
+        "--format", "nrrd", "--w", "2.0", "--no-early-stop", "--stride", "10", "--dode-scales", "128,192",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="T2"):
+        detect_command(DetectRequest(inputs={"flair": "f"}, out_dir="o"))
+    with pytest.raises(ValueError, match="methods"):
+        detect_command(DetectRequest(inputs={"flair": "f", "t2": "t"}, out_dir="o", methods=()))
+
+
+def test_progress_lines_fold_into_one_monotone_bar():
+    st = ProgressState()
+    seq = [
+        ('{"stage": "reading", "fraction": 1.0, "message": "40 brain slices", "time": 1}', 0.05),
+        ('{"stage": "dode", "fraction": 0.5, "message": "slice likelihoods", "time": 2}', 0.175),
+        ('{"stage": "fpdm", "fraction": 0.5, "message": "step 300/600", "time": 3}', 0.6),
+        ('{"stage": "fpdm", "fraction": 0.25, "message": "step 1/600", "time": 4}', 0.6),  # never backwards
+        ('{"stage": "writing", "fraction": 1.0, "message": "done", "time": 5}', 1.0),
+    ]
+    for line, want in seq:
+        parse_progress_line(line, st)
+        assert st.fraction == pytest.approx(want)
+    assert st.status == "Writing results: done"
+    parse_progress_line("anomalous; lesion volume 3.2 mL", st)
+    parse_progress_line("{not json", st)
+    parse_progress_line("error: FLAIR file not found: 'x'", st)
+    assert st.error == "FLAIR file not found: 'x'" and st.log == ["anomalous; lesion volume 3.2 mL", "{not json"]
+
+
+def test_process_runs_the_exact_command_and_streams_progress(case_and_bundle, tmp_path):
+    paths, bundle = case_and_bundle
+    req = DetectRequest(inputs={"flair": str(paths["flair"]), "t2": str(paths["t2"])}, out_dir=str(tmp_path / "o"),
+                        bundle=str(bundle), device="cpu")  # fmt: skip
+    proc = DetectProcess(detect_command(req))
+    seen = []
+    state = proc.wait(progress=lambda f, s: seen.append((f, s)), timeout_s=300)
+    assert proc.succeeded, proc.error_message()
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {s.split(":")[0] for _, s in seen} >= {"Reading volumes", "Scoring slices (AnoDODE)", "Segmenting (AnoFPDM)"}
+    assert any("outputs in" in line for line in state.log)
+    plan = output_plan(tmp_path / "o", "FLAIR", keep_labelmap=True)
+    kinds = [p.kind for p in plan]
+    assert kinds == ["summary", "segmentation", "labelmap", "heatmap", "table", "overview"]
+    assert all(p.path.is_file() for p in plan)
+    assert plan[1].path.suffix == ".nrrd" and plan[1].node_name == "FLAIR anomalies"
+    cols, values, types = read_table(tmp_path / "o" / "slices.csv")
+    assert types["slice"] == "int" and types["dode_score"] == "double" and types["fpdm_ran"] == "bool"
+    assert all(values["fpdm_ran"]) and len(values["slice"]) == len(set(values["slice"]))
+    assert [s[0] for s in plot_series(cols)] == ["dode_score", "lesion_area_mm2"]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    target = jump_target(summary)
+    assert target is not None and target[2] == pytest.approx(summary["most_anomalous_slice"]["superior_mm"])
+    assert summary["verdict"].split()[0].capitalize() in status_after(summary)
+
+
+def test_process_failure_reports_the_cli_message(case_and_bundle, tmp_path):
+    paths, _ = case_and_bundle
+    req = DetectRequest(inputs={"flair": str(tmp_path / "missing.nrrd"), "t2": str(paths["t2"])},
+                        out_dir=str(tmp_path / "o"))  # fmt: skip
+    proc = DetectProcess(detect_command(req))
+    proc.wait(timeout_s=120)
+    assert not proc.succeeded and proc.returncode == 2
+    assert proc.error_message() == f"FLAIR file not found: '{tmp_path / 'missing.nrrd'}'"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_cancel_ends_the_whole_process_tree(tmp_path):
+    """The CLI's own children (e.g. data loaders) must die with it: a parent that spawns a sleeping
+    child and reports its pid; after cancel neither process exists."""
+    script = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print('child', c.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = DetectProcess([sys.executable, "-c", script])
+    child = None
+    t0 = time.monotonic()
+    while child is None and time.monotonic() - t0 < 30:
+        st = proc.poll()
+        child = next((int(x.split()[1]) for x in st.log if x.startswith("child")), None)
+        time.sleep(0.05)
+    assert child is not None
+    proc.cancel(grace_s=2.0)
+    assert proc.done and proc.cancelled and not proc.succeeded and proc.error_message() == "cancelled"
+    for pid in (proc.pid, child):
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            # a killed child of a dead parent is reaped by init; give it a moment
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"process {pid} survived cancel")
+
+
+def test_cancelled_detect_leaves_no_output(case_and_bundle, tmp_path):
+    paths, bundle = case_and_bundle
+    out = tmp_path / "o"
+    req = DetectRequest(inputs={"flair": str(paths["flair"]), "t2": str(paths["t2"])}, out_dir=str(out),
+                        bundle=str(bundle), device="cpu")  # fmt: skip
+    proc = DetectProcess(detect_command(req))
+    t0 = time.monotonic()
+    while proc.poll().stage is None and time.monotonic() - t0 < 120:  # running: the CLI reported a stage
+        time.sleep(0.05)
+    proc.cancel()
+    # the CLI turns SIGTERM into a cancellation: its partial folder and the output folder it created
+    # are removed before it exits
+    assert proc.returncode == 2 and not out.exists()
+
+
+def test_terminology_entry_has_the_slicer_structure():
+    parts = SEGMENT_TERMINOLOGY.split("~")
+    assert len(parts) == 7
+    assert parts[1].split("^")[:2] == ["SCT", "49755003"] and parts[2].split("^")[:2] == ["SCT", "52988006"]

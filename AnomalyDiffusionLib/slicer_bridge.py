@@ -46,11 +46,12 @@ STAGE_LABELS = {
 #: the segment the labelmap's value 1 becomes
 SEGMENT_NAME = "Anomaly"
 SEGMENT_COLOR = (0.95, 0.35, 0.15)  #: RGB in [0, 1]; orange-red, distinct from Slicer's default green
-#: Slicer terminology entry (category/type from the "Segmentation category and type - 3D Slicer
-#: General Anatomy list" context: SNOMED CT 49755003 "Morphologically Altered Structure" /
-#: 52988006 "Lesion"; anatomic region SNOMED CT 12738006 "Brain")
+#: Slicer terminology entry: the module ships its own context (``Resources/AnomalyDiffusion.term.json``,
+#: loaded at startup) with category SNOMED CT 49755003 "Morphologically Altered Structure" and type
+#: 52988006 "Lesion"; anatomic region SNOMED CT 12738006 "Brain" from the DICOM master list
+TERMINOLOGY_CONTEXT = "Segmentation category and type - AnomalyDiffusion"
 SEGMENT_TERMINOLOGY = (
-    "Segmentation category and type - 3D Slicer General Anatomy list"
+    f"{TERMINOLOGY_CONTEXT}"
     "~SCT^49755003^Morphologically Altered Structure"
     "~SCT^52988006^Lesion"
     "~^^"

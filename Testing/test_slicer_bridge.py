@@ -164,7 +164,23 @@ def test_cancelled_detect_leaves_no_output(case_and_bundle, tmp_path):
     assert proc.returncode == 2 and not out.exists()
 
 
-def test_terminology_entry_has_the_slicer_structure():
+def test_terminology_entry_matches_the_shipped_context():
+    """The 7-part entry (context~category~type~modifier~region context~region~modifier, codes as
+    scheme^value^meaning) names a category and type that exist in the module's .term.json, and the
+    segment colour is that type's recommended colour."""
+    from pathlib import Path
+
+    from AnomalyDiffusionLib.slicer_bridge import SEGMENT_COLOR
+
+    term = json.loads(
+        (
+            Path(__file__).resolve().parents[1] / "AnomalyDiffusion" / "Resources" / "AnomalyDiffusion.term.json"
+        ).read_text()
+    )
     parts = SEGMENT_TERMINOLOGY.split("~")
-    assert len(parts) == 7
-    assert parts[1].split("^")[:2] == ["SCT", "49755003"] and parts[2].split("^")[:2] == ["SCT", "52988006"]
+    assert len(parts) == 7 and parts[0] == term["SegmentationCategoryTypeContextName"]
+    cat = next(
+        c for c in term["SegmentationCodes"]["Category"] if parts[1] == f"SCT^{c['CodeValue']}^{c['CodeMeaning']}"
+    )
+    typ = next(t for t in cat["Type"] if parts[2] == f"SCT^{t['CodeValue']}^{t['CodeMeaning']}")
+    assert [round(255 * v) for v in SEGMENT_COLOR] == typ["recommendedDisplayRGBValue"]

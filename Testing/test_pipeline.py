@@ -224,6 +224,6 @@ def test_default_bundle_finds_the_lesion_on_an_oblique_anisotropic_phantom(obliq
     d = dice(pred, truth)
     # a trivial segmentation of the same volume placed uniformly in the brain scores ≈ lesion/brain
     trivial = 2 * truth.sum() / (truth.sum() + result.case.mask.sum())
-    assert d > 3 * trivial, (d, trivial)
+    assert d > max(0.4, 3 * trivial), (d, trivial)  # measured: 0.54 vs trivial 0.12
     ref = sitk.ReadImage(str(oblique_case["flair"]))
     assert all(getattr(result.labelmap, f)() == getattr(ref, f)() for f in GEOMETRY)

@@ -386,11 +386,16 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Enter the bundle's checksum as SHA256:<hex digest>"))
             cache = Path(slicer.app.cachePath) / "AnomalyDiffusion" / "bundles"
             cache.mkdir(parents=True, exist_ok=True)
-            name = p.bundleChecksum.split(":", 1)[1][:16] + ".zip"
-            target = cache / name
-            if not slicer.util.downloadFile(p.bundleUrl, str(target), checksum=p.bundleChecksum):
+            digest = p.bundleChecksum.split(":", 1)[1].strip().lower()
+            import SampleData
+
+            # reuses a cached file whose checksum matches (works offline once downloaded)
+            path = SampleData.SampleDataLogic().downloadFile(
+                p.bundleUrl, str(cache), digest[:16] + ".zip", checksum=f"SHA256:{digest}"
+            )
+            if not os.path.isfile(path) or slicer.util.computeChecksum("SHA256", path) != digest:
                 raise RuntimeError(_("Download of the model bundle failed or its checksum did not match"))
-            return str(target)
+            return path
         return None
 
     # ---- one run

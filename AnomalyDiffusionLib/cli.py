@@ -173,21 +173,19 @@ def _detect_options(args: argparse.Namespace):
 
 def _cmd_detect(args: argparse.Namespace, progress) -> int:
     from .bundle import open_bundle
-    from .outputs import output_suffix, write_result
+    from .outputs import check_format, write_result
     from .pipeline import detect
 
     options = _detect_options(args)
+    if args.format:
+        check_format(args.format)  # before the long run, not after it
     inputs = {"flair": args.flair, "t2": args.t2}
     inputs.update({k: v for k, v in (("t1", args.t1), ("t1ce", args.t1ce)) if v})
-    for name, path in inputs.items():  # fail before creating anything
-        if not Path(path).is_file():
-            raise InputError(f"{name.upper()} file not found: '{path}'")
     bundle = open_bundle(args.bundle)
     out = Path(args.out)
 
     def work(tmp: Path) -> dict:
         result = detect(inputs, bundle=bundle, options=options, progress=progress)
-        output_suffix(result, args.format)  # validate before writing
         write_result(result, tmp, fmt=args.format, overview=not args.no_overview)
         return result.summary
 

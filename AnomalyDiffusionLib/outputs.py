@@ -19,15 +19,20 @@ from .volumes import VOLUME_EXTENSIONS, volume_suffix, write_volume
 OUTPUT_FILES = ("segmentation", "heatmap", "slices.csv", "summary.json", "overview.png")
 
 
+def check_format(fmt: str) -> str:
+    """``nii.gz`` / ``.nrrd`` … → the volume suffix, or :class:`InputError` for an unknown format."""
+    suffix = fmt if fmt.startswith(".") else f".{fmt}"
+    if suffix not in VOLUME_EXTENSIONS:
+        from .errors import InputError
+
+        raise InputError(f"unknown output format '{fmt}'; use one of {', '.join(VOLUME_EXTENSIONS)}")
+    return suffix
+
+
 def output_suffix(result, fmt: str | None = None) -> str:
     """``fmt`` (e.g. ``nii.gz``, ``.nrrd``) or the FLAIR input's format, defaulting to ``.nii.gz``."""
     if fmt:
-        suffix = fmt if fmt.startswith(".") else f".{fmt}"
-        if suffix not in VOLUME_EXTENSIONS:
-            from .errors import InputError
-
-            raise InputError(f"unknown output format '{fmt}'; use one of {', '.join(VOLUME_EXTENSIONS)}")
-        return suffix
+        return check_format(fmt)
     src = result.case.sources.get("flair")
     return (volume_suffix(src) if src else "") or ".nii.gz"
 

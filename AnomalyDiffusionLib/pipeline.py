@@ -30,7 +30,7 @@ from .bundle import Bundle, open_bundle
 from .devices import resolve_device
 from .errors import InputError
 from .progress import CancelToken, ProgressCallback, report
-from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble
+from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble, slice_indices
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,11 @@ def _brain_slices(case: Case, start: int | None, stop: int | None) -> np.ndarray
     area = case.mask.reshape(case.shape[0], -1).sum(1)
     if area.max() == 0:
         raise InputError("no brain found in the FLAIR volume (it looks empty or constant)")
-    keep = area >= MIN_BRAIN_FRACTION * area.max()
-    k = np.arange(case.shape[0])
-    if start is not None or stop is not None:
-        s = 0 if start is None else start
-        e = case.shape[0] if stop is None else stop
-        if s < 0 or e > case.shape[0] or s >= e:
-            raise InputError(f"slice range [{s}, {e}) is outside the volume's 0..{case.shape[0]} axial slices")
-        keep &= (k >= s) & (k < e)
-    if not keep.any():
+    k = slice_indices(case.shape[0], start, stop)  # validates the range
+    k = k[area[k] >= MIN_BRAIN_FRACTION * area.max()]
+    if not len(k):
         raise InputError("no brain slices in the requested slice range")
-    return k[keep]
+    return k
 
 
 def slice_positions(case: Case, indices: np.ndarray) -> np.ndarray:
@@ -148,7 +142,7 @@ def detect(
     unknown = [m for m in methods if m not in b.methods]
     if unknown:
         raise InputError(f"bundle '{b.name}' has no {', '.join(unknown)} model (it has {', '.join(b.methods)})")
-    needed = [m for m in b.modalities]
+    needed = b.modalities
     missing = [m for m in needed if m not in inputs]
     if missing:
         raise InputError(
@@ -166,7 +160,7 @@ def detect(
     if all(isinstance(v, sitk.Image) for v in ordered.values()):
         case = case_from_images(ordered)  # type: ignore[arg-type]
     else:
-        case = load_case({k: v for k, v in ordered.items()})  # type: ignore[arg-type]
+        case = load_case(ordered)  # type: ignore[arg-type]
     if cancel is not None:
         cancel.check()
     idx = _brain_slices(case, *opt.slice_range)
@@ -189,6 +183,7 @@ def detect(
 
     # ---- AnoDODE: slice scores
     dode_flag = None
+    dode_model = None
     if "dode" in methods:
         t = time.perf_counter()
         from .dode.model import score_slices
@@ -249,7 +244,7 @@ def detect(
         elif rtol > 1e-5 or atol > 1e-5:
             shortcuts.append(f"AnoDODE ODE tolerance {rtol:g} (paper/score_sde default 1e-5)")
         timings["dode"] = time.perf_counter() - t
-        del model
+        dode_model = model
 
     # ---- AnoFPDM: forward process, classification, masks
     if "fpdm" in methods:
@@ -328,7 +323,7 @@ def detect(
     # ---- AnoDODE localisation (only when it is the heatmap's source)
     if heat_model is None and "dode" in methods and (b.manifest.get("dode") or {}).get("decoder"):
         t = time.perf_counter()
-        heat_model = _dode_heatmaps(b, case, vol, idx, fit, device, opt.seed, progress, cancel)
+        heat_model = _dode_heatmaps(b, dode_model, vol, idx, fit, device, opt.seed, progress, cancel)
         timings["dode_localisation"] = time.perf_counter() - t
 
     # ---- volumes on the input grid
@@ -349,7 +344,7 @@ def detect(
         lesion_ml = float(lab.sum()) * voxel_ml
     timings["outputs"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
-    summary = _summary(b, case, rows, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt)
+    summary = _summary(b, case, rows, pos, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt)
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,
@@ -365,13 +360,16 @@ def detect(
     )
 
 
-def _dode_heatmaps(b: Bundle, case, vol, idx, fit, device, seed, progress, cancel) -> np.ndarray:
-    """AnoDODE localisation (section 4.3): perturb features to t0, PC-denoise, decode, (x − x')²."""
+def _dode_heatmaps(b: Bundle, model, vol, idx, fit, device, seed, progress, cancel) -> np.ndarray:
+    """AnoDODE localisation (section 4.3): perturb features to t0, PC-denoise, decode, (x − x')².
+    ``model`` is the AnoDODE model already loaded for scoring (reloaded whole if a scale subset left
+    out the decoder's scale)."""
     from .dode.decoder import localise
     from .dode.sde import VPSDE
 
     decoder, scale, dset = b.decoder(device)
-    model = b.dode(device)
+    if scale not in model.scales:
+        model = b.dode(device)
     if scale not in model.scales:
         raise InputError(f"the bundle's decoder works at scale {scale}, which has no score network")
     k = model.scales.index(scale)
@@ -399,7 +397,7 @@ def _dode_heatmaps(b: Bundle, case, vol, idx, fit, device, seed, progress, cance
     return out
 
 
-def _summary(b, case, rows, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt) -> dict:
+def _summary(b, case, rows, positions, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt) -> dict:
     area = np.array([r.get("lesion_area_mm2", 0.0) for r in rows])
     score = np.array([r.get("dode_score", np.nan) for r in rows], float)
     if area.any():
@@ -419,7 +417,7 @@ def _summary(b, case, rows, methods, summary_methods, shortcuts, lesion_ml, timi
     most = None
     if best is not None:
         r = rows[best]
-        pos = slice_positions(case, np.array([r["slice"]]))[0]
+        pos = positions[best]
         most = {
             "slice": r["slice"],
             "superior_mm": r["superior_mm"],

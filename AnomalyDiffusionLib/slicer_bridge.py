@@ -129,6 +129,7 @@ class ProgressState:
     stage: str | None = None
     error: str | None = None  #: the CLI's one-line error, without the "error: " prefix
     log: list[str] = field(default_factory=list)  #: non-progress output lines
+    stages: list[str] = field(default_factory=list)  #: stages in the order they were reported
 
 
 def _stage_start(stage: str) -> float:
@@ -161,6 +162,8 @@ def parse_progress_line(line: str, state: ProgressState) -> ProgressState:
             else:
                 overall = state.fraction
             state.fraction = max(state.fraction, min(overall, 1.0))
+            if stage != state.stage:
+                state.stages.append(stage)
             state.stage = stage
             label = STAGE_LABELS.get(stage, stage)
             msg = str(rec.get("message") or "")

@@ -105,15 +105,25 @@ def segmentation_table(
     truth_masks: np.ndarray,
     anomaly_maps: np.ndarray | None = None,
     foreground: np.ndarray | None = None,
+    unhealthy_masks: np.ndarray | None = None,
 ) -> dict[str, PixelLevel]:
-    """AnoFPDM Table 1 row: ``{"mixed": ..., "unhealthy": ...}`` (unhealthy = truth has a lesion)."""
+    """AnoFPDM Table 1 row: ``{"mixed": ..., "unhealthy": ...}`` (unhealthy = truth has a lesion).
+
+    ``unhealthy_masks``: the masks scored in the unhealthy setup, when they differ from
+    ``pred_masks``. The authors' evaluation (SoloChe/AnoFPDM, ``get_mask_batch_FPDM``) scores the
+    unhealthy setup on the masks of every slice, before the cosine classifier empties those it calls
+    healthy (``batch_mask_all``), and the mixed setup on the classifier-gated masks.
+    """
     truth = np.asarray(truth_masks, bool)
     sick = truth.reshape(len(truth), -1).any(1)
     out = {"mixed": pixel_level(pred_masks, truth_masks, anomaly_maps, foreground)}
     if sick.any():
         sel = np.flatnonzero(sick)
+        masks = np.asarray(pred_masks if unhealthy_masks is None else unhealthy_masks)
+        if masks.shape != truth.shape:
+            raise ValueError(f"unhealthy masks {masks.shape} and truth {truth.shape} differ in shape")
         out["unhealthy"] = pixel_level(
-            np.asarray(pred_masks)[sel],
+            masks[sel],
             truth[sel],
             None if anomaly_maps is None else np.asarray(anomaly_maps)[sel],
             None if foreground is None else np.asarray(foreground)[sel],

@@ -55,3 +55,11 @@ def test_pixel_level_and_table_hand_case():
     assert table["mixed"].auprc == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert table["unhealthy"].dice == pytest.approx(0.5) and table["unhealthy"].n_slices == 1
     assert np.isnan(M.pixel_level(pred, truth).auprc)
+    # the unhealthy setup can score other masks (the authors' ungated ones); mixed keeps pred
+    ungated = pred.copy()
+    ungated[0] = [[1, 0], [1, 0]]  # perfect on slice 0
+    table = M.segmentation_table(pred, truth, maps, fg, unhealthy_masks=ungated)
+    assert table["unhealthy"].dice == pytest.approx(1.0)
+    assert table["mixed"].dice == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.segmentation_table(pred, truth, unhealthy_masks=ungated[:1])

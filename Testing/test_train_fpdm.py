@@ -153,6 +153,10 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
     methods = [r["method"] for r in res["rows"]]
     assert methods[:4] == ["AnoFPDM (DDIM)", "AnoFPDM (DDIM S_te)", "AnoFPDM (DDPM)", "AnoFPDM (DDPM S_te)"]
     assert methods[4].startswith("FLAIR threshold")
+    for r in res["rows"][:4]:
+        # gating only empties masks, and an empty mask scores 0 on a lesion slice
+        assert r["unhealthy_dice"] >= r["unhealthy_dice_gated"]
+        assert 0 <= r["sensitivity"] <= 1 and 0 <= r["specificity"] <= 1
     for name in ("results.md", "results.csv", "m_curves.png", "grid.png"):
         assert (tmp_path / "eval" / name).is_file()
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from .cli_support import JsonlProgress, TqdmProgress
+from .devices import tune_cpu_allocator
 from .errors import AnomalyDiffusionError, InputError
 
 log = logging.getLogger("AnomalyDiffusionLib")
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

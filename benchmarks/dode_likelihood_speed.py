@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_dode, score_slices
 
 
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    tune_cpu_allocator()
     model = load_dode(args.model)
     x, ds = load_or_make(None, "test", args.phantom, ("flair",), 128, args.phantom_seed, max_slices=args.slices)
     runs = {}

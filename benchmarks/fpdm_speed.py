@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import HEALTHY, NULL, Schedule, predict_x0, q_sample
 from AnomalyDiffusionLib.fpdm import Calibration, ForwardResult, FPDMSettings, forward_process, segment
 from AnomalyDiffusionLib.metrics import pixel_level
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
+    tune_cpu_allocator()
 
     model, meta = load_unet_any(args.model, device=args.device)
     folder = args.model if args.model.is_dir() else args.model.parent

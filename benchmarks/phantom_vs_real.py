@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject
 from AnomalyDiffusionLib.volumes import to_canonical
 
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--real", type=Path, default=REAL)
     p.add_argument("--out", type=Path, default=Path("out/phantom_vs_real.png"))
     args = p.parse_args()
+    tune_cpu_allocator()
     rows = []
     if (args.real / "TCGA-DU-7294_fla.nii.gz").is_file():
         rows.append(

@@ -27,7 +27,9 @@ from AnomalyDiffusionLib.metrics import dice
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, write_case
 from AnomalyDiffusionLib.pipeline import DetectOptions, detect
 from AnomalyDiffusionLib.volumes import read_labelmap_like
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 
+tune_cpu_allocator()  # as the CLI does
 seed, out, bundle, device = int(sys.argv[1]), sys.argv[2], sys.argv[3] or None, sys.argv[4]
 faithful = sys.argv[5] == "1"
 ph = make_subject(seed, PhantomOptions(brats_grid=True, n_lesions=1, modalities=("flair", "t2")))

@@ -30,7 +30,7 @@ import torch
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
-from AnomalyDiffusionLib.devices import resolve_device
+from AnomalyDiffusionLib.devices import resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import (
     Calibration,
@@ -181,6 +181,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     try:
         report = calibrate(args)
     except (AnomalyDiffusionError, ValueError) as exc:

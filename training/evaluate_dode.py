@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.metrics import image_level
@@ -116,6 +117,7 @@ def load_slices(args, size: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -35,7 +35,7 @@ from scipy.stats import pearsonr
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
-from AnomalyDiffusionLib.devices import resolve_device
+from AnomalyDiffusionLib.devices import resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, forward_process, segment
 from AnomalyDiffusionLib.metrics import segmentation_table
@@ -267,6 +267,7 @@ def _figures(res: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     try:
         res = evaluate(args)
     except (AnomalyDiffusionError, ValueError) as exc:

@@ -24,6 +24,7 @@ import torch
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.decoder import Decoder, reconstruction_loss
 from AnomalyDiffusionLib.dode.features import extract
 from AnomalyDiffusionLib.dode.model import load_dode
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress, parse_slice_range
 from AnomalyDiffusionLib.datasets import open_slices
+from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_unet
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

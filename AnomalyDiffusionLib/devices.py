@@ -47,5 +47,5 @@ def tune_cpu_allocator() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1 and ok)
+    applied = [libc.mallopt(param, _KEEP_BYTES) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
+    return all(applied)

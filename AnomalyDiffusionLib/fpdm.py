@@ -387,6 +387,12 @@ class Segmentation:
     quantiles: np.ndarray
 
 
+def classify_slices(result: ForwardResult, cal: Calibration) -> np.ndarray:
+    """Eq. 18: a slice is called unhealthy when the cosine of its two MSE sequences is ≤ the
+    calibrated threshold. Returns [N] bool."""
+    return np.asarray(result.cosine) <= cal.cos_threshold
+
+
 def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: bool = True) -> Segmentation:
     """Threshold maps into masks, as in the reference code.
 
@@ -405,7 +411,7 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
     n, c, s, _ = maps_c.shape
     if len(cal.m_max) != c:
         raise ValueError(f"calibration has M_max for {len(cal.m_max)} channel(s), maps have {c}")
-    unhealthy = result.cosine <= cal.cos_threshold if classify else np.ones(n, bool)
+    unhealthy = classify_slices(result, cal) if classify else np.ones(n, bool)
     min_px = round(cal.min_component * (s / 128.0) ** 2)
     q = np.zeros((n, c), np.float32)
     thr = np.zeros(n, np.float32)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -37,7 +38,7 @@ from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, forward_process, segment
+from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, classify_slices, forward_process, segment
 from AnomalyDiffusionLib.metrics import segmentation_table
 from AnomalyDiffusionLib.modelio import load_unet_any
 
@@ -114,11 +115,13 @@ def evaluate(args) -> dict:
             secs = time.perf_counter() - t0
             curves[st.mode] = r
             for use, name in (("h", f"AnoFPDM ({st.mode.upper()})"), ("s_te", f"AnoFPDM ({st.mode.upper()} S_te)")):
-                seg = segment(r, cal, use=use)
-                ungated = segment(r, cal, use=use, classify=False)
-                table = segmentation_table(seg.masks, truth, seg.maps, fg, unhealthy_masks=ungated.masks)
-                gated = segmentation_table(seg.masks, truth).get("unhealthy")
-                acc = float(np.mean(seg.unhealthy == labels))
+                # one segmentation; the classifier's gating only empties the masks of slices it calls healthy
+                seg = segment(r, cal, use=use, classify=False)
+                called = classify_slices(r, cal)
+                masks = seg.masks & called[:, None, None]
+                table = segmentation_table(masks, truth, seg.maps, fg, unhealthy_masks=seg.masks)
+                gated = segmentation_table(masks, truth).get("unhealthy")
+                acc = float(np.mean(called == labels))
                 rows.append(
                     {
                         "method": name,
@@ -126,12 +129,12 @@ def evaluate(args) -> dict:
                         **_flat(table),
                         "unhealthy_dice_gated": None if gated is None else round(float(gated.dice), 4),
                         "classification_accuracy": acc,
-                        "sensitivity": _rate(seg.unhealthy, labels, True),
-                        "specificity": _rate(seg.unhealthy, labels, False),
+                        "sensitivity": _rate(called, labels, True),
+                        "specificity": _rate(called, labels, False),
                         "seconds": round(secs, 1),
                     }
                 )
-                extra[name] = seg
+                extra[name] = dataclasses.replace(seg, masks=masks, unhealthy=called)  # what the grid shows
         tau, bmaps, bmasks = intensity_baseline(x[:, mods.index("flair") if "flair" in mods else 0], fg, truth)
         rows.append(
             {

@@ -75,7 +75,7 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     per_a, s_a = score_slices(model, x, rtol=1e-4, atol=1e-4)
     per_b, _ = score_slices(model, x, solver="scipy", rtol=1e-4, atol=1e-4)
     assert per_a.shape == (2, 2) and np.allclose(s_a, per_a.mean(1))
-    assert np.allclose(per_a, per_b, atol=2e-3)  # batched multi-scale solve = per-sample RK45
+    assert np.allclose(per_a, per_b, atol=1e-4)  # same probes at every scale: only the integration differs
     assert load_dode(out, scales=[64]).scales == [64]
     with pytest.raises(AnomalyDiffusionError, match="no score network for scale"):
         load_dode(out, scales=[192])

@@ -61,6 +61,13 @@ def make_probe(shape: Sequence[int], kind: str, generator: torch.Generator) -> t
     return torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
 
 
+def _checked_probes(probes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    probes = torch.as_tensor(probes, dtype=torch.float32)
+    if tuple(probes.shape) != tuple(shape):
+        raise ValueError(f"probes have shape {tuple(probes.shape)}, the samples {tuple(shape)}")
+    return probes
+
+
 def drift_and_divergence(
     score_fn: ScoreFn, sde: VPSDE, z: torch.Tensor, t: torch.Tensor, probe: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +96,12 @@ def likelihood_scipy(
     probe: str = "rademacher",
     seed: int = 0,
     prior: Callable[[torch.Tensor], torch.Tensor] = VPSDE.prior_logp,
+    probes: torch.Tensor | None = None,
 ) -> Likelihood:
     """Baseline: ``solve_ivp`` RK45 per sample (AnoDODE section 5; score_sde ``get_likelihood_fn``).
 
+    ``probes`` [B, ...]: explicit Hutchinson probes (else drawn from ``seed``; ignored for "exact"),
+    so a comparison with :func:`likelihood_torch` can use the very same vectors.
     ``prior`` is log p_T, N(0, I) by default. (p_1 of the VP SDE keeps a mean of m(1)·μ ≈ 0.0066 μ,
     so the standard prior is off by ~zᵀ m(1) μ; tests pass the exact p_T to isolate the solver.)
     """
@@ -101,8 +111,14 @@ def likelihood_scipy(
     z0 = torch.as_tensor(z0, dtype=torch.float32)
     shape = z0.shape[1:]
     d = int(np.prod(shape))
-    gen = torch.Generator().manual_seed(seed)
-    probes = make_probe(z0.shape, probe, gen)
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, not {probe!r}")
+    if probe == "exact":
+        probes = None
+    elif probes is None:
+        probes = make_probe(z0.shape, probe, torch.Generator().manual_seed(seed))
+    else:
+        probes = _checked_probes(probes, z0.shape)
     out = {"logp": [], "prior": [], "delta": []}
     nfe = 0
     for i in range(z0.shape[0]):
@@ -146,6 +162,7 @@ def likelihood_torch(
     method: str = "dopri5",
     priors: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
     steps: int | None = None,
+    probes: Sequence[torch.Tensor] | None = None,
 ) -> list[Likelihood]:
     """All samples of all scales in one ODE solve; ``z0s[k]`` [B, ...] pairs with ``score_fns[k]``.
 
@@ -155,6 +172,7 @@ def likelihood_torch(
 
     Returns one :class:`Likelihood` per scale (``nfe`` counts solver evaluations, shared).
     ``priors`` (one per scale) replace the N(0, I) prior, as in :func:`likelihood_scipy`.
+    ``probes`` (one [B, ...] tensor per scale) replace the probes drawn from ``seed``.
     """
     from torchdiffeq import odeint
 
@@ -170,8 +188,17 @@ def likelihood_torch(
     device = zs[0].device
     shapes = [z.shape[1:] for z in zs]
     sizes = [int(np.prod(s)) for s in shapes]
-    gen = torch.Generator().manual_seed(seed)
-    probes = [None if (p := make_probe(z.shape, probe, gen)) is None else p.to(device) for z in zs]
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, not {probe!r}")
+    if probe == "exact":
+        probes = [None] * len(zs)
+    elif probes is None:
+        gen = torch.Generator().manual_seed(seed)
+        probes = [make_probe(z.shape, probe, gen).to(device) for z in zs]
+    else:
+        if len(probes) != len(zs):
+            raise ValueError(f"{len(probes)} probe tensor(s) for {len(zs)} feature scale(s)")
+        probes = [_checked_probes(p, z.shape).to(device) for p, z in zip(probes, zs, strict=True)]
     splits = [*sizes, len(zs)]
     y0 = torch.cat(
         [*(z.double().reshape(b, -1) for z in zs), torch.zeros(b, len(zs), dtype=torch.float64, device=device)], 1

@@ -18,7 +18,7 @@ from ..errors import AnomalyDiffusionError, InputError
 from ..modelio import load_state, read_meta
 from ..trainer import load_weights
 from .features import Encoder, EncoderSpec, Standardiser, build_encoder, extract
-from .likelihood import likelihood_scipy, likelihood_torch
+from .likelihood import likelihood_scipy, likelihood_torch, make_probe
 from .score import ScoreNet
 
 
@@ -57,6 +57,72 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
     return DODEModel(encoder=encoder, spec=spec, scales=use, nets=nets, standardisers=stds)
 
 
+def standardised_features(model: DODEModel, slices: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+    """The score networks' inputs: encoder features of grey slices [N, 1, S, S] in [-1, 1] at every
+    scale of ``model``, standardised per channel; one float32 [N, C, h, w] tensor per scale."""
+    x = torch.as_tensor(np.asarray(slices) if isinstance(slices, np.ndarray) else slices)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise InputError(f"AnoDODE scores grey (FLAIR) slices [N, 1, S, S]; got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError("input slices contain NaN/Inf values")
+    feats = extract(model.encoder, x, model.scales)
+    for s, f, net in zip(model.scales, feats, model.nets, strict=True):
+        want = (net.config.in_channels, net.config.image_size, net.config.image_size)
+        if tuple(f.shape[1:]) != want:
+            raise AnomalyDiffusionError(
+                f"features at scale {s} are {tuple(f.shape[1:])} but its score network expects {want}: "
+                "the encoder or scales do not match this model"
+            )
+    return [std(f).float() for std, f in zip(model.standardisers, feats, strict=True)]
+
+
+def score_features(
+    model: DODEModel,
+    z: list[torch.Tensor],
+    solver: str = "torch",
+    probe: str = "rademacher",
+    seed: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    batch_size: int = 64,
+    method: str = "dopri5",
+    steps: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """bpd per scale [N, n_scales], the score (eq. 13) [N] and the number of score-network calls
+    (batched or per sample, summed over scales and batches) for standardised features ``z``
+    (:func:`standardised_features`).
+
+    Each batch of ``batch_size`` samples draws its probes from ``seed`` + its first index, the
+    same vectors whichever ``solver`` runs, so the two solvers differ only in the integration."""
+    if solver not in ("torch", "scipy"):
+        raise ValueError(f"solver must be 'torch' or 'scipy', not {solver!r}")
+    fns = [lambda x, t, net=net: net(x, t) for net in model.nets]
+    n = z[0].shape[0]
+    out = np.zeros((n, len(z)))
+    nfe = 0
+    for i in range(0, n, batch_size):
+        part = [zz[i : i + batch_size] for zz in z]
+        probes = None
+        if probe != "exact":
+            gen = torch.Generator().manual_seed(seed + i)
+            probes = [make_probe(zz.shape, probe, gen) for zz in part]
+        if solver == "torch":
+            res = likelihood_torch(
+                fns, part, probe=probe, rtol=rtol, atol=atol, method=method, steps=steps, probes=probes
+            )
+            nfe += res[0].nfe * len(part)  # one batched call per scale per evaluation
+        else:
+            res = [
+                likelihood_scipy(fn, zz, probe=probe, rtol=rtol, atol=atol, probes=None if probes is None else pr)
+                for fn, zz, pr in zip(fns, part, probes or [None] * len(part), strict=True)
+            ]
+            nfe += sum(r.nfe for r in res)  # one call per sample per evaluation
+        out[i : i + batch_size] = np.stack([r.bpd for r in res], 1)
+    return out, out.mean(1), nfe
+
+
 def score_slices(
     model: DODEModel,
     slices: np.ndarray | torch.Tensor,
@@ -73,40 +139,9 @@ def score_slices(
     slices [N, 1, S, S] in [-1, 1]. ``solver``: "torch" (batched, all scales at once) or "scipy"
     (the paper's per-sample RK45). ``method``/``steps``: the torch solver (see
     :func:`~AnomalyDiffusionLib.dode.likelihood.likelihood_torch`)."""
-    x = torch.as_tensor(np.asarray(slices) if isinstance(slices, np.ndarray) else slices)
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise InputError(f"AnoDODE scores grey (FLAIR) slices [N, 1, S, S]; got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise InputError("input slices contain NaN/Inf values")
-    feats = extract(model.encoder, x, model.scales)
-    for s, f, net in zip(model.scales, feats, model.nets, strict=True):
-        want = (net.config.in_channels, net.config.image_size, net.config.image_size)
-        if tuple(f.shape[1:]) != want:
-            raise AnomalyDiffusionError(
-                f"features at scale {s} are {tuple(f.shape[1:])} but its score network expects {want}: "
-                "the encoder or scales do not match this model"
-            )
-    z = [std(f).float() for std, f in zip(model.standardisers, feats, strict=True)]
-    fns = [lambda x, t, net=net: net(x, t) for net in model.nets]
-    n = z[0].shape[0]
-    out = np.zeros((n, len(z)))
-    for i in range(0, n, batch_size):
-        part = [zz[i : i + batch_size] for zz in z]
-        if solver == "torch":
-            res = likelihood_torch(
-                fns, part, probe=probe, seed=seed + i, rtol=rtol, atol=atol, method=method, steps=steps
-            )
-        elif solver == "scipy":
-            res = [
-                likelihood_scipy(fn, zz, probe=probe, seed=seed + i, rtol=rtol, atol=atol)
-                for fn, zz in zip(fns, part, strict=True)
-            ]
-        else:
-            raise ValueError(f"solver must be 'torch' or 'scipy', not {solver!r}")
-        out[i : i + batch_size] = np.stack([r.bpd for r in res], 1)
-    return out, out.mean(1)
+    z = standardised_features(model, slices)
+    per, score, _ = score_features(model, z, solver, probe, seed, rtol, atol, batch_size, method, steps)
+    return per, score
 
 
 def load_decoder(folder: str | os.PathLike, scale: int, device: str = "cpu"):

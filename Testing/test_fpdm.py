@@ -304,3 +304,12 @@ def test_settings_round_trip_through_json():
     back = FPDMSettings.from_dict(json.loads(json.dumps(st.as_dict())))
     assert back == st
     assert FPDMSettings.from_dict(st.as_dict(), batch_size=7).batch_size == 7
+
+
+def test_visited_grid_always_ends_on_the_last_step():
+    """Hand cases: every stride-th step from 0, and steps − 1 appended when the grid misses it."""
+    assert FPDMSettings(steps=600, stride=1).visited.tolist() == list(range(600))
+    assert FPDMSettings(steps=600, stride=30).visited.tolist() == [*range(0, 600, 30), 599]
+    assert FPDMSettings(steps=601, stride=30).visited.tolist() == list(range(0, 601, 30))  # 600 is on the grid
+    assert FPDMSettings(steps=10, stride=4).visited.tolist() == [0, 4, 8, 9]
+    assert FPDMSettings(steps=1, stride=5).visited.tolist() == [0]

@@ -12,7 +12,9 @@ then the ∅ call again; the call count is what the reference code pays). Segmen
 classification (every slice segmented), so the comparison isolates the forward process.
 
 Prints the baseline time, ours, the ratio, the memory each keeps (bytes of retained tensors; CUDA
-peak when on a GPU), the fraction of slices whose t_e agrees within the stride, and the DICE change.
+peak when on a GPU), the fraction of slices (× map channels) whose t_e agrees within the stride, and
+the DICE change. For flat-topped M_t curves it also prints how far the baseline's M_t at our t_e
+falls below its peak (relative), and the largest relative difference of M_{t_e}.
 
   python benchmarks/fpdm_speed.py --model runs/fpdm_small --phantom 2 --slices 64
 """
@@ -156,6 +158,9 @@ def main() -> None:
     ours, t_ours, peak_ours = timed(lambda: forward_process(model, x, ours_st, device=args.device))
     ours_kept = 3 * ours.h[:1].nbytes * min(len(x), args.batch_size)  # running sum, H and S at the argmax
     agree = np.mean(np.abs(base.t_e - ours.t_e) <= args.stride)
+    # where t_e differs, how far below its peak is the baseline's M_t at our t_e (flat tops)?
+    m_at_ours = np.take_along_axis(base.m, ours.t_e[:, None, :].astype(np.int64), 1)[:, 0]
+    shortfall = 1 - m_at_ours / base.m.max(1)
     seg_b = segment(base, cal, classify=False)
     seg_o = segment(ours, cal, classify=False)
     d_b, d_o = pixel_level(seg_b.masks, truth).dice, pixel_level(seg_o.masks, truth).dice
@@ -174,6 +179,9 @@ def main() -> None:
         "baseline_cuda_peak_MB": None if peak_base is None else round(peak_base / 2**20, 1),
         "ours_cuda_peak_MB": None if peak_ours is None else round(peak_ours / 2**20, 1),
         "t_e_agreement": round(float(agree), 4),
+        "t_e_entries": int(base.t_e.size),
+        "m_shortfall_at_our_t_e_max": round(float(shortfall.max()), 5),
+        "m_te_relative_difference_max": round(float(np.abs(ours.m_te / base.m_te - 1).max()), 4),
         "dice_baseline": round(d_b, 4),
         "dice_ours": round(d_o, 4),
         "dice_change_points": round(100 * (d_o - d_b), 2),

@@ -65,6 +65,11 @@ class FPDMSettings:
     drop: float = 0.5  #: ... with M_t below ``drop`` × that peak on every map channel
     cosine_steps: int | None = None  #: horizon of the eq. 18 sequences (None: all ``steps``)
     batch_size: int = 32  #: slices per batch (each network call sees twice as many inputs)
+    #: DDIM with stride > 1: "jump" applies eq. 4 once across the gap between visited steps;
+    #: "extrapolate" takes the stride-1 inversion's unit steps across the gap instead, with ε_∅ at the
+    #: unvisited steps extrapolated linearly from the last two visited ε_∅ (no extra network calls).
+    #: It follows the reference's stride-1 trajectory to second order in the stride rather than first.
+    gap: str = "jump"
 
     def __post_init__(self) -> None:
         if self.mode not in ("ddim", "ddpm"):
@@ -73,6 +78,8 @@ class FPDMSettings:
             raise ValueError(
                 f"unguided must be 'null' (paper eq. 10) or 'healthy' (reference code), not {self.unguided!r}"
             )
+        if self.gap not in ("jump", "extrapolate"):
+            raise ValueError(f"gap must be 'jump' or 'extrapolate', not {self.gap!r}")
         if self.steps < 1 or self.stride < 1:
             raise ValueError("steps and stride must be positive")
 
@@ -289,8 +296,8 @@ def _run_batch(
     t_e = torch.zeros(nw, b, len(chans), dtype=torch.long, device=dev)
     count = torch.zeros(b, device=dev)
     active = torch.arange(b, device=dev)  # rows still running, in state order
-    x_prev = eps_prev = None
-    t_prev = 0
+    x_prev = eps_prev = eps_prev2 = None
+    t_prev = t_prev2 = 0
     calls = 0
     visited = st.visited
     for k, t in enumerate(visited):
@@ -302,14 +309,13 @@ def _run_batch(
         tt = torch.full((len(active),), int(t), dtype=torch.long, device=dev)
         if st.mode == "ddpm" or k == 0:
             x_t = q_sample(xa, tt, noise(active), abar)  # eq. 2
-        else:  # eq. 4: deterministic DDIM inversion from the previous visited step, driven by ε_∅
-            tp = torch.full_like(tt, t_prev)
-            x0_tilde = predict_x0(x_prev, tp, eps_prev, abar)
-            if st.clip_x0:
-                x0_tilde = x0_tilde.clamp(-1, 1)
-            a_t = abar[int(t)].float()
-            a_p = abar[int(t_prev)].float()
-            x_t = a_t.sqrt() * x0_tilde + (1 - a_t).sqrt() * (x_prev - a_p.sqrt() * x0_tilde) / (1 - a_p).sqrt()
+        elif st.gap == "jump" or eps_prev2 is None:
+            x_t = _ddim_invert(x_prev, eps_prev, t_prev, int(t), abar, st.clip_x0)  # eq. 4 across the gap
+        else:  # eq. 4 in unit steps, ε_∅ linearly extrapolated from the last two visited steps
+            slope = (eps_prev - eps_prev2) / float(t_prev - t_prev2)
+            x_t = x_prev
+            for u in range(t_prev, int(t)):
+                x_t = _ddim_invert(x_t, eps_prev + (u - t_prev) * slope, u, u + 1, abar, st.clip_x0)
         m = len(active)
         labels = torch.cat([torch.full((m,), HEALTHY, device=dev), torch.full((m,), NULL, device=dev)]).long()
         eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), labels)  # one stacked call per step
@@ -338,6 +344,8 @@ def _run_batch(
             out["mse_h"][rows_np, k] = s_t.mean(dim=(1, 2, 3)).cpu().numpy()
             out["mse_u"][rows_np, k] = mse_u
             out["steps_run"][rows_np] += 1
+        if st.mode == "ddim" and st.gap == "extrapolate":
+            eps_prev2, t_prev2 = eps_prev, t_prev
         x_prev, eps_prev, t_prev = x_t, eps_n, int(t)
         report(progress, "fpdm", (sl.start + b * (k + 1) / len(visited)) / n_total, f"step {t + 1}/{st.steps}")
 
@@ -351,12 +359,24 @@ def _run_batch(
             keep &= ~past.all(dim=1)
             if not keep.all():
                 active, x_prev, eps_prev = active[keep], x_prev[keep], eps_prev[keep]
+                eps_prev2 = None if eps_prev2 is None else eps_prev2[keep]
     for wi, out in enumerate(outs):
         out["t_e"][sl] = t_e[wi].cpu().numpy()
         out["m_te"][sl] = m_best[wi].clamp(min=0).cpu().numpy()
         out["h"][sl] = h_best[wi].cpu().numpy()
         out["s_te"][sl] = s_best[wi].cpu().numpy()
     return calls
+
+
+def _ddim_invert(x_p: torch.Tensor, eps: torch.Tensor, t_p: int, t: int, abar: torch.Tensor, clip: bool):
+    """Eq. 4 run forwards (DDIM inversion) from step ``t_p`` to ``t`` with noise estimate ``eps``:
+    x_t = √ᾱ_t x̃_0 + √(1 − ᾱ_t) ε̂, where x̃_0 is predicted from x_{t_p} (clipped to [-1, 1] as in the
+    reference code) and ε̂ = (x_{t_p} − √ᾱ_{t_p} x̃_0)/√(1 − ᾱ_{t_p}) is the noise consistent with it."""
+    a_p, a_t = abar[int(t_p)].float(), abar[int(t)].float()
+    x0_tilde = (x_p - (1 - a_p).sqrt() * eps) / a_p.sqrt()
+    if clip:
+        x0_tilde = x0_tilde.clamp(-1, 1)
+    return a_t.sqrt() * x0_tilde + (1 - a_t).sqrt() * (x_p - a_p.sqrt() * x0_tilde) / (1 - a_p).sqrt()
 
 
 # ---------------------------------------------------------------------------- segmentation steps

@@ -410,6 +410,13 @@ def _parse(manifest_bytes: bytes, where: Path) -> dict:
     return m
 
 
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a model bundle (a folder with ``manifest.json``, or a zip file);
+    :func:`open_bundle` then verifies it."""
+    p = Path(path)
+    return (p / "manifest.json").is_file() or (p.is_file() and zipfile.is_zipfile(p))
+
+
 def open_bundle(path: str | os.PathLike | None = None) -> Bundle:
     """Read and verify a bundle folder or zip (``None``: the embedded default bundle).
 

@@ -80,10 +80,15 @@ def load_unet(
 
 
 def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
-    """Load a UNet from a weights file, or from a training run folder: its final ``*.safetensors``
-    weights if present, else the EMA weights of its latest ``checkpoint/`` (to inspect a run that is
-    still training)."""
+    """Load a UNet from a weights file, a model bundle (folder with ``manifest.json``, or its zip: the
+    bundle's AnoFPDM network, so a shipped bundle can be re-calibrated, evaluated and benchmarked), or a
+    training run folder: its final ``*.safetensors`` weights if present, else the EMA weights of its
+    latest ``checkpoint/`` (to inspect a run that is still training)."""
     p = Path(path)
+    from .bundle import is_bundle
+
+    if is_bundle(p):
+        return _load_bundle_unet(p, device)
     if p.is_file():
         return load_unet(p, device=device)
     if not p.is_dir():
@@ -113,3 +118,20 @@ def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -
         "from_checkpoint": True,
     }
     return model.to(device).eval(), info
+
+
+def _load_bundle_unet(path: Path, device: str | torch.device) -> tuple[UNet, dict]:
+    from .bundle import open_bundle
+
+    b = open_bundle(path)
+    model, _, settings, cal = b.fpdm(device)
+    f = b.manifest["fpdm"]
+    info = {
+        "kind": "unet",
+        "config": model.config.as_dict(),
+        "modalities": b.modalities,
+        "iterations": f.get("trained_iterations"),
+        "method": "fpdm",
+        "bundle": {"name": b.name, "sha256": b.sha256, "settings": settings.as_dict(), "calibration": cal.as_dict()},
+    }
+    return model, info

@@ -44,6 +44,24 @@ def test_round_trip_rebuilds_identical_networks(tmp_path):
     assert set(info["files"]) == {"fpdm.safetensors", "dode_encoder.safetensors", "dode_score_64.safetensors"}
 
 
+def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
+    """The training/benchmark scripts' loader takes a bundle (folder or zip) and returns its AnoFPDM
+    network with the bundle's modalities, settings and calibration; a tampered one is refused there too."""
+    from AnomalyDiffusionLib.modelio import load_unet_any
+
+    unet, _, settings, cal = open_bundle(tiny).fpdm()
+    for src in (tiny, make_tiny_bundle(tmp_path / "b.zip", as_zip=True)):
+        model, meta = load_unet_any(src)
+        assert _state_equal(model, unet) and meta["modalities"] == ["flair", "t2"]
+        assert meta["bundle"]["calibration"] == cal.as_dict()
+        assert meta["bundle"]["settings"] == settings.as_dict()
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "fpdm.safetensors").write_bytes(b"x" + (bad / "fpdm.safetensors").read_bytes()[1:])
+    with pytest.raises(BundleError, match="sha256"):
+        load_unet_any(bad)
+
+
 def test_float16_storage_halves_size_and_loads_as_float32(tmp_path):
     full = open_bundle(make_tiny_bundle(tmp_path / "f32", methods=("fpdm",)))
     half = open_bundle(make_tiny_bundle(tmp_path / "f16", methods=("fpdm",), dtype="float16"))

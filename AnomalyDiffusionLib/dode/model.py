@@ -33,8 +33,25 @@ class DODEModel:
 
 def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device: str = "cpu") -> DODEModel:
     """Load ``dode_encoder.safetensors`` and ``dode_score_<scale>.safetensors`` from ``folder``
-    (all scales found, or the subset ``scales``, e.g. the paper's best {128, 192})."""
+    (all scales found, or the subset ``scales``, e.g. the paper's best {128, 192}). A model bundle
+    (a folder with ``manifest.json``, or its zip) gives its AnoDODE model instead."""
     f = Path(folder)
+    from ..bundle import is_bundle, open_bundle
+
+    if is_bundle(f):
+        full = open_bundle(f).dode(device)
+        use = full.scales if scales is None else [int(s) for s in scales]
+        missing = [s for s in use if s not in full.scales]
+        if missing or not use:
+            raise AnomalyDiffusionError(f"no score network for scale(s) {missing or use} in '{f}' (has {full.scales})")
+        keep = [full.scales.index(s) for s in use]
+        return DODEModel(
+            encoder=full.encoder,
+            spec=full.spec,
+            scales=use,
+            nets=[full.nets[i] for i in keep],
+            standardisers=[full.standardisers[i] for i in keep],
+        )
     enc_path = f / "dode_encoder.safetensors"
     meta = read_meta(enc_path)
     spec_d = dict(meta["spec"])

@@ -49,3 +49,16 @@ def tune_cpu_allocator() -> bool:
         return False
     applied = [libc.mallopt(param, _KEEP_BYTES) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
     return all(applied)
+
+
+def for_inference(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Prepare a convolutional network for inference on ``device``, in place; returns it.
+
+    On the CPU the weights are stored channels-last (NHWC), which oneDNN's convolutions run without
+    reordering: measured on the 2-core CI machine, a 64-slice call of the ``small`` UNet went from
+    1.16 s to 0.96 s, with outputs equal to float32 rounding (max |Δε| ≈ 6e-6). Activations follow the
+    weights' layout, so inputs need no change. Left as is on a GPU.
+    """
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .bundle import Bundle, open_bundle
-from .devices import resolve_device
+from .devices import for_inference, resolve_device
 from .errors import InputError
 from .progress import CancelToken, ProgressCallback, report
 from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble, slice_indices
@@ -252,6 +252,7 @@ def detect(
         from .fpdm import forward_process, segment
 
         unet, schedule, settings, cal = b.fpdm(device)
+        for_inference(unet, device)
         st = _fpdm_settings(settings, opt)
         if opt.w is not None and opt.w != cal.w:
             log.warning(

@@ -5,7 +5,8 @@ Baseline (as in SoloChe/AnoFPDM): every forward step, four separate network call
 (DDIM inversion with ∅, guided healthy, guided ∅, "unguided" healthy with w = 0), full trajectories
 [N, T, C, S, S] of the predictions kept in memory and reduced at the end.
 Ours: one stacked call per step ([healthy; ∅] in one batch), streaming aggregation, optional early
-stop after the M_t peak and step stride.
+stop after the M_t peak, a step stride whose gaps follow the stride-1 inversion (``--gap extrapolate``),
+and, on the CPU, channels-last weights (``devices.for_inference``).
 
 Both run the paper's eq. 10 form for the unguided prediction here (the baseline's fourth call is
 then the ∅ call again; the call count is what the reference code pays). Segmentation uses no slice
@@ -17,6 +18,7 @@ the DICE change. For flat-topped M_t curves it also prints how far the baseline'
 falls below its peak (relative), and the largest relative difference of M_{t_e}.
 
   python benchmarks/fpdm_speed.py --model runs/fpdm_small --phantom 2 --slices 64
+  python benchmarks/fpdm_speed.py --model Resources/Bundles/phantom-small --slices 32   # a bundle's own calibration
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.datasets import load_or_make
-from AnomalyDiffusionLib.devices import tune_cpu_allocator
+from AnomalyDiffusionLib.devices import for_inference, tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import HEALTHY, NULL, Schedule, predict_x0, q_sample
 from AnomalyDiffusionLib.fpdm import Calibration, ForwardResult, FPDMSettings, forward_process, segment
 from AnomalyDiffusionLib.metrics import pixel_level
@@ -113,6 +115,13 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=64, help="slices timed (default 64, unhealthy first)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--stride", type=int, default=2, help="our step stride (default 2; the baseline uses 1)")
+    p.add_argument(
+        "--gap",
+        choices=("jump", "extrapolate"),
+        default="extrapolate",
+        help="how our DDIM inversion crosses a stride's gap (default extrapolate: the stride-1 unit steps with "
+        "ε_∅ extrapolated from the last two visited steps; jump: one eq. 4 step)",
+    )
     p.add_argument("--patience", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +131,13 @@ def main() -> None:
 
     model, meta = load_unet_any(args.model, device=args.device)
     folder = args.model if args.model.is_dir() else args.model.parent
-    rep = json.loads((args.calibration or folder / "calibration_fpdm_ddim.json").read_text())
+    cal_file = args.calibration or folder / "calibration_fpdm_ddim.json"
+    if args.calibration is None and "bundle" in meta:  # a model bundle carries its own calibration
+        rep = meta["bundle"]
+    elif cal_file.is_file():
+        rep = json.loads(cal_file.read_text())
+    else:
+        raise SystemExit(f"error: no calibration '{cal_file}'; run training/calibrate_fpdm.py or pass --calibration")
     cal = Calibration(**rep["calibration"])
     mods = list(meta["modalities"])
     x, ds = load_or_make(None, "test", args.phantom, mods, model.config.image_size, args.phantom_seed)
@@ -134,6 +149,7 @@ def main() -> None:
         w=cal.w,
         steps=args.steps,
         stride=args.stride,
+        gap=args.gap,
         map_channels=chans,
         early_stop=True,
         patience=args.patience,
@@ -155,6 +171,9 @@ def main() -> None:
     (base, base_calls, base_kept), t_base, peak_base = timed(
         lambda: reference_procedure(model, x, base_st, args.device)
     )
+    # ours also stores the weights channels-last on the CPU (devices.for_inference, as the pipeline does);
+    # the baseline ran first on the plain NCHW model, as the reference code does
+    for_inference(model, args.device)
     ours, t_ours, peak_ours = timed(lambda: forward_process(model, x, ours_st, device=args.device))
     ours_kept = 3 * ours.h[:1].nbytes * min(len(x), args.batch_size)  # running sum, H and S at the argmax
     agree = np.mean(np.abs(base.t_e - ours.t_e) <= args.stride)
@@ -169,6 +188,7 @@ def main() -> None:
         "slices": len(x),
         "steps": args.steps,
         "stride": args.stride,
+        "gap": args.gap,
         "baseline_s": round(t_base, 2),
         "ours_s": round(t_ours, 2),
         "ratio": round(t_base / t_ours, 2),

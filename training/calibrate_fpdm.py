@@ -30,7 +30,7 @@ import torch
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
-from AnomalyDiffusionLib.devices import resolve_device, tune_cpu_allocator
+from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import (
     Calibration,
@@ -96,6 +96,7 @@ def calibrate(args) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model, meta = load_unet_any(args.model, device=device)
+    for_inference(model, device)
     mods = list(meta["modalities"])
     chans = channel_indices(mods, args.map_modalities)
     with TqdmProgress() as progress:

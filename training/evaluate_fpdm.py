@@ -36,7 +36,7 @@ from scipy.stats import pearsonr
 
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
-from AnomalyDiffusionLib.devices import resolve_device, tune_cpu_allocator
+from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, classify_slices, forward_process, segment
 from AnomalyDiffusionLib.metrics import segmentation_table
@@ -85,6 +85,7 @@ def evaluate(args) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model, meta = load_unet_any(args.model, device=device)
+    for_inference(model, device)
     mods = list(meta["modalities"])
     folder = args.model if args.model.is_dir() else args.model.parent
     cal_files = args.calibration if args.calibration else sorted(folder.glob("calibration_fpdm_*.json"))

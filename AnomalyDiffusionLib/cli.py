@@ -159,6 +159,7 @@ def _detect_options(args: argparse.Namespace):
         w=args.w,
         steps=args.steps,
         stride=args.stride,
+        gap=args.gap,
         mode=args.mode,
         early_stop=args.early_stop,
         gate=args.gate,
@@ -335,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--w", type=float, help="AnoFPDM guidance strength (default: calibrated w*)")
     det.add_argument("--steps", type=int, help="AnoFPDM forward steps of T = 1000 (default: the bundle's)")
     det.add_argument("--stride", type=int, help="visit every N-th forward step (default: the bundle's)")
+    det.add_argument(
+        "--gap",
+        choices=("jump", "extrapolate"),
+        help="DDIM with a stride: one eq. 4 step across each gap (jump), or the stride-1 unit steps with ε "
+        "extrapolated from the last two visited steps (extrapolate; no extra network calls); default: the bundle's",
+    )
     det.add_argument("--mode", choices=("ddim", "ddpm"), help="forward encoding (default: the bundle's)")
     det.add_argument(
         "--early-stop",

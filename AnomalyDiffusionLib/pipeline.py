@@ -47,6 +47,7 @@ class DetectOptions:
     w: float | None = None  #: AnoFPDM guidance strength (default: calibrated w*)
     steps: int | None = None  #: forward steps (of T = 1000)
     stride: int | None = None  #: visit every stride-th step
+    gap: str | None = None  #: DDIM across a stride's gap: "jump" (one eq. 4 step) | "extrapolate"
     mode: str | None = None  #: ddim | ddpm
     early_stop: bool | None = None
     gate: str | None = None  #: "none" | "dode": which slices AnoFPDM runs on
@@ -107,7 +108,7 @@ def slice_positions(case: Case, indices: np.ndarray) -> np.ndarray:
 
 def _fpdm_settings(settings, opt: DetectOptions):
     over = {}
-    for name in ("w", "steps", "stride", "mode", "early_stop", "batch_size"):
+    for name in ("w", "steps", "stride", "gap", "mode", "early_stop", "batch_size"):
         v = getattr(opt, name)
         if v is not None:
             over[name] = v

@@ -56,6 +56,12 @@ def add_forward_args(p: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=600, help="forward steps of T=1000 (default 600, as the reference code)"
     )
     p.add_argument("--stride", type=int, default=1, help="visit every N-th step (default 1; CPU runs use 10-20)")
+    p.add_argument(
+        "--gap",
+        choices=("jump", "extrapolate"),
+        default="jump",
+        help="DDIM with a stride: one eq. 4 step per gap (default) or the stride-1 unit steps with ε extrapolated",
+    )
     p.add_argument("--cosine-steps", type=int, default=None, help="horizon of the cosine sequences (default: --steps)")
     p.add_argument("--map-modalities", default="flair,t2", help="channels used for M_t and maps (default flair,t2)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network batch (default 32)")
@@ -119,6 +125,7 @@ def calibrate(args) -> dict:
             w=ws[0],
             steps=args.steps,
             stride=args.stride,
+            gap=args.gap,
             mode=args.mode,
             unguided=args.unguided,
             map_channels=chans,

@@ -219,6 +219,7 @@ def detect(
                 atol=atol,
                 method=lk.get("method", "dopri5"),
                 steps=lk.get("steps"),
+                eps=float(lk.get("eps", 1e-5)),
             )
             report(progress, "dode", min(1.0, (i + step) / len(idx)), "slice likelihoods")
         score = per_scale.mean(1)

@@ -188,7 +188,9 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
                 "--threads",
                 "1",
                 "--t0",
-                "0.5",
+                "0.5,0.9",
+                "--pc-steps",
+                "20",
                 "--slice-size",
                 "128",
                 "--out",
@@ -199,5 +201,28 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
     )
     rep = json.loads((tmp_path / "val" / "results.json").read_text())
     assert rep["table2"][0]["scales"] == [64] and 0 <= rep["table1"]["auroc"] <= 1
+    loc = rep["localisation"]  # the decoder beside the model is found and scored on the lesion slices
+    assert loc["scale"] == 64 and [r["t0"] for r in loc["t0"]] == [0.5, 0.9] and loc["slices"] >= 1
+    assert all(0 <= r["auroc"] <= 1 and 0 < r["auprc"] <= 1 for r in [*loc["t0"], loc["intensity"]])
+    assert (tmp_path / "val" / "localisation_t0.png").is_file()
     assert json.loads((out / "dode_threshold.json").read_text())["scales"] == [64]
     assert (tmp_path / "val" / "roc_scores.png").is_file()
+
+
+def test_bundle_is_read_as_a_model_folder_and_never_written_to(tmp_path):
+    """load_dode on a bundle gives its AnoDODE model (a subset of scales on request); train_decoder
+    refuses to write into a bundle without --out."""
+    import train_decoder
+
+    from AnomalyDiffusionLib.bundle import default_bundle_path, open_bundle
+
+    full = open_bundle(None).dode()
+    one = load_dode(default_bundle_path(), scales=[128])
+    assert one.scales == [128] and one.spec.name == full.spec.name
+    k = full.scales.index(128)
+    for a, b in zip(one.nets[0].state_dict().values(), full.nets[k].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(one.standardisers[0].mean, full.standardisers[k].mean)
+    with pytest.raises(AnomalyDiffusionError, match="scale"):
+        load_dode(default_bundle_path(), scales=[96])
+    assert train_decoder.main(["--model", str(default_bundle_path()), "--phantom", "1"]) == 2

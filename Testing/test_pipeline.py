@@ -121,7 +121,7 @@ def test_cli_detect_writes_every_output_in_the_input_format(tiny, oblique_case, 
     code = cli.main(
         [
             "--progress", "none", "detect", "--flair", str(oblique_case["flair"]), "--t2", str(oblique_case["t2"]),
-            "--bundle", str(tiny), "--out", str(out), "--stride", "20", "--slices", "5:25",
+            "--bundle", str(tiny), "--out", str(out), "--stride", "20", "--gap", "extrapolate", "--slices", "5:25",
         ]
     )  # fmt: skip
     assert code == 0
@@ -129,6 +129,7 @@ def test_cli_detect_writes_every_output_in_the_input_format(tiny, oblique_case, 
     assert names == ["heatmap.nrrd", "overview.png", "segmentation.nrrd", "slices.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method_details"]["fpdm"]["settings"]["stride"] == 20
+    assert summary["method_details"]["fpdm"]["settings"]["gap"] == "extrapolate"
     assert summary["bundle"]["name"] == "tiny-test" and len(summary["bundle"]["sha256"]) == 64
     rows = list(csv.DictReader(open(out / "slices.csv")))
     assert [int(r["slice"]) for r in rows] == [r for r in range(5, 25) if str(r) in {x["slice"] for x in rows}]

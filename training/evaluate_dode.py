@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from AnomalyDiffusionLib.bundle import is_bundle
 from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also score a real case folder (e.g. ../shared/data/TCGA-DU-7294: *_fla.nii.gz + *_seg.nii.gz)",
     )
+    p.add_argument(
+        "--decoder",
+        type=Path,
+        default=None,
+        help="folder with dode_decoder_<scale>.safetensors (train_decoder.py --out; default: the model folder)",
+    )
+    p.add_argument("--loc-slices", type=int, default=8, help="lesion slices for the localisation figures (default 8)")
+    p.add_argument("--pc-steps", type=int, default=500, help="PC sampler steps over [ε, 1] (paper N = 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -169,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{real['mean_score_other']:.3f} bpd, AUROC {real.get('auroc', float('nan')):.3f}"
         )
     if args.split == "val":
-        (args.model / "dode_threshold.json").write_text(
+        # beside a training run (make_bundle.py reads it there); a bundle's folder is never written to
+        (args.out if is_bundle(args.model) else args.model).joinpath("dode_threshold.json").write_text(
             json.dumps(
                 {
                     "threshold": table1.threshold,
@@ -180,7 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
             )
         )
-    _figures(args, model, x, labels, score, ds)
+    _figures(args, x, labels, score)
+    loc = _localisation(args, model, x, labels, ds)
+    if loc is not None:
+        report["localisation"] = loc
+        (args.out / "results.json").write_text(json.dumps(report, indent=1))
+        lines += ["", "| t0 | pixel AUROC | pixel AUPRC |", "|---|---|---|"]
+        lines += [f"| {r['t0']:g} | {r['auroc']:.3f} | {r['auprc']:.3f} |" for r in loc["t0"]]
+        lines.append(f"| FLAIR intensity | {loc['intensity']['auroc']:.3f} | {loc['intensity']['auprc']:.3f} |")
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(
         f"AUROC {table1.auroc:.3f}, best F1 {table1.best_f1:.3f}, ACC {table1.accuracy:.3f} "
         f"(threshold {table1.threshold:.4f} bpd) on {len(labels)} slices in {secs:.0f} s"
@@ -189,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _figures(args, model, x, labels, score, ds) -> None:
+def _figures(args, x, labels, score) -> None:
+    """Fig. 4: the ROC curve and the score distributions of healthy and anomalous slices."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,31 +230,70 @@ def _figures(args, model, x, labels, score, ds) -> None:
     fig.savefig(args.out / "roc_scores.png", dpi=90)
     plt.close(fig)
 
-    scale = max(model.scales)
-    if not (args.model / f"dode_decoder_{scale}.safetensors").is_file():
-        return
-    from AnomalyDiffusionLib.dode.decoder import localise
 
-    dec = load_decoder(args.model, scale)
+def _pixel_scores(heat: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> dict:
+    """Pixel-level AUROC and AUPRC of a heatmap over brain pixels (the reference's foreground)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y, s = truth[brain].astype(int), heat[brain]
+    return {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s))}
+
+
+def _localisation(args, model, x, labels, ds) -> dict | None:
+    """Section 4.3 / Fig. 5: reconstruction heatmaps over the t0 grid on the first lesion slices, their
+    pixel-level AUROC/AUPRC against the masks (brain pixels), and the FLAIR intensity as a reference."""
+    folder = args.decoder or args.model
+    found = sorted(int(p.stem.rsplit("_", 1)[1]) for p in Path(folder).glob("dode_decoder_*.safetensors"))
+    usable = [s for s in found if s in model.scales]
+    if not usable:
+        if args.decoder is not None:
+            raise SystemExit(f"error: no dode_decoder_<scale>.safetensors for scales {model.scales} in '{folder}'")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from AnomalyDiffusionLib.dode.decoder import localise
+    from AnomalyDiffusionLib.dode.sde import VPSDE
+
+    scale = max(usable)
+    dec = load_decoder(folder, scale)
     k = model.scales.index(scale)
-    idx = np.flatnonzero(labels == 1)[:4]
+    net = model.nets[k]
+    net.sde = VPSDE(net.sde.beta_min, net.sde.beta_max, N=args.pc_steps)
+    masks = np.asarray(ds.masks).astype(bool)
+    idx = np.flatnonzero((labels == 1) & masks.reshape(len(masks), -1).any(1))[: args.loc_slices]
+    if len(idx) == 0:
+        return None
+    brain = x[idx, 0] > -0.95
     t0s = [float(t) for t in args.t0.split(",")]
-    fig, axes = plt.subplots(len(idx), len(t0s) + 2, figsize=(2 * (len(t0s) + 2), 2 * len(idx)), squeeze=False)
-    for r, i in enumerate(idx):
+    heats, rows = [], []
+    for t0 in t0s:
+        heat, _ = localise(
+            model.encoder,
+            scale,
+            net,
+            model.standardisers[k],
+            dec,
+            x[idx],
+            t0=t0,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        heat = heat * brain
+        heats.append(heat)
+        rows.append({"t0": t0, **_pixel_scores(heat, masks[idx], brain)})
+        print(f"localisation t0 = {t0:g}: pixel AUROC {rows[-1]['auroc']:.3f}, AUPRC {rows[-1]['auprc']:.3f}")
+    show = idx[:4]
+    fig, axes = plt.subplots(len(show), len(t0s) + 2, figsize=(2 * (len(t0s) + 2), 2 * len(show)), squeeze=False)
+    for r, i in enumerate(show):
         axes[r, 0].imshow(x[i, 0], cmap="gray")
-        axes[r, 1].imshow(np.asarray(ds.masks)[i], cmap="gray")
+        axes[r, 1].imshow(masks[i], cmap="gray")
+        if r == 0:
+            axes[r, 0].set_title("FLAIR")
+            axes[r, 1].set_title("mask")
         for c, t0 in enumerate(t0s):
-            heat, _ = localise(
-                model.encoder,
-                scale,
-                model.nets[k],
-                model.standardisers[k],
-                dec,
-                x[i : i + 1],
-                t0=t0,
-                generator=torch.Generator().manual_seed(args.seed),
-            )
-            axes[r, c + 2].imshow(heat[0], cmap="inferno")
+            axes[r, c + 2].imshow(heats[c][r], cmap="inferno")
             if r == 0:
                 axes[r, c + 2].set_title(f"t0 = {t0}")
     for a in axes.ravel():
@@ -243,6 +301,13 @@ def _figures(args, model, x, labels, score, ds) -> None:
     fig.tight_layout()
     fig.savefig(args.out / "localisation_t0.png", dpi=80)
     plt.close(fig)
+    return {
+        "scale": scale,
+        "slices": len(idx),
+        "pc_steps": args.pc_steps,
+        "t0": rows,
+        "intensity": _pixel_scores(x[idx, 0], masks[idx], brain),
+    }
 
 
 if __name__ == "__main__":

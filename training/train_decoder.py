@@ -5,12 +5,15 @@ A latent-diffusion-style decoder learns to reconstruct the slice from its stride
 input scale (L1 + L2 loss, healthy slices only). Localisation then denoises the features with the
 score network of the same scale and decodes them; the heatmap is (x − x')².
 
-Reads the encoder from an AnoDODE model folder (train_dode.py output) so features match, and writes
-dode_decoder_<scale>.safetensors there.
+Reads the encoder from an AnoDODE model folder (train_dode.py output) or a model bundle, so features
+match, and writes dode_decoder_<scale>.safetensors into the model folder, or into --out (required for a
+bundle, whose folder is never written to).
 
 Examples:
   python training/train_decoder.py --model runs/dode --data data/bmad_flair --scale 256 --iterations 50000
   python training/train_decoder.py --model runs/dode_small --phantom 16 --scale 128 --iterations 2000
+  python training/train_decoder.py --model Resources/Bundles/phantom-small --out runs/decoder --phantom 12 \
+      --scale 256 --mults 8,4,2,1 --iterations 1000
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from AnomalyDiffusionLib.bundle import is_bundle
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
@@ -38,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", type=Path, required=True, help="AnoDODE model folder (train_dode.py --out)")
+    p.add_argument(
+        "--model", type=Path, required=True, help="AnoDODE model folder (train_dode.py --out), or a model bundle"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the decoder weights and its run (default: the model folder; required for a bundle)",
+    )
     src = p.add_argument_group("data (one of)")
     src.add_argument("--data", type=Path, help="slice dataset (train/ split; healthy slices used)")
     src.add_argument("--phantom", type=int, metavar="N", help="N synthetic subjects")
@@ -47,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-size", type=int, default=128)
     p.add_argument("--scale", type=int, default=128, help="encoder input size whose features are decoded")
     p.add_argument("--base", type=int, default=32, help="decoder base width (default 32)")
+    p.add_argument(
+        "--mults",
+        default="8,4,2,2,1",
+        help="width multipliers, one ×2 upsampling stage each (default 8,4,2,2,1: stride-32 features back to "
+        "the encoder's input size; 4 stages decode to half of it, which localise() resizes to the slice; "
+        "CPUs train that about 4× faster)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -67,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        out = args.out
+        if out is None:
+            if is_bundle(args.model):
+                raise AnomalyDiffusionError(f"'{args.model}' is a model bundle: give --out for the decoder")
+            out = args.model
         dist = setup_distributed(args.device)
         model = load_dode(args.model, device=str(dist.device))
         with TqdmProgress() as progress:
@@ -84,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             raise AnomalyDiffusionError("no healthy slices to train the decoder on")
         (feats,) = extract(model.encoder, healthy, (args.scale,))
         torch.manual_seed(args.seed)
-        decoder = Decoder(feats.shape[1], base=args.base)
+        decoder = Decoder(feats.shape[1], base=args.base, mults=tuple(int(m) for m in args.mults.split(",")))
         bs = min(args.batch_size, len(healthy))
 
         def loss_fn(net, rng: np.random.Generator) -> torch.Tensor:
@@ -95,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             ema_model, history = train_loop(
                 decoder,
                 loss_fn,
-                args.model / f"decoder_{args.scale}",
+                out / f"decoder_{args.scale}",
                 args.iterations,
                 lr=args.lr,
                 ema_decay=args.ema,
@@ -111,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         save_weights(
             ema_model,
-            args.model / f"dode_decoder_{args.scale}.safetensors",
+            out / f"dode_decoder_{args.scale}.safetensors",
             {
                 "kind": "dode_decoder",
                 "config": decoder.config,

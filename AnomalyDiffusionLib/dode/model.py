@@ -106,6 +106,7 @@ def score_features(
     batch_size: int = 64,
     method: str = "dopri5",
     steps: int | None = None,
+    eps: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """bpd per scale [N, n_scales], the score (eq. 13) [N] and the number of score-network calls
     (batched or per sample, summed over scales and batches) for standardised features ``z``
@@ -127,12 +128,14 @@ def score_features(
             probes = [make_probe(zz.shape, probe, gen) for zz in part]
         if solver == "torch":
             res = likelihood_torch(
-                fns, part, probe=probe, rtol=rtol, atol=atol, method=method, steps=steps, probes=probes
+                fns, part, eps=eps, probe=probe, rtol=rtol, atol=atol, method=method, steps=steps, probes=probes
             )
             nfe += res[0].nfe * len(part)  # one batched call per scale per evaluation
         else:
             res = [
-                likelihood_scipy(fn, zz, probe=probe, rtol=rtol, atol=atol, probes=None if probes is None else pr)
+                likelihood_scipy(
+                    fn, zz, eps=eps, probe=probe, rtol=rtol, atol=atol, probes=None if probes is None else pr
+                )
                 for fn, zz, pr in zip(fns, part, probes or [None] * len(part), strict=True)
             ]
             nfe += sum(r.nfe for r in res)  # one call per sample per evaluation
@@ -151,13 +154,15 @@ def score_slices(
     batch_size: int = 64,
     method: str = "dopri5",
     steps: int | None = None,
+    eps: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """bpd per scale [N, n_scales] and the anomaly score S = mean over scales (eq. 13) [N] of grey
     slices [N, 1, S, S] in [-1, 1]. ``solver``: "torch" (batched, all scales at once) or "scipy"
     (the paper's per-sample RK45). ``method``/``steps``: the torch solver (see
-    :func:`~AnomalyDiffusionLib.dode.likelihood.likelihood_torch`)."""
+    :func:`~AnomalyDiffusionLib.dode.likelihood.likelihood_torch`). ``eps``: the ODE's lower time limit
+    (score_sde's 1e-5)."""
     z = standardised_features(model, slices)
-    per, score, _ = score_features(model, z, solver, probe, seed, rtol, atol, batch_size, method, steps)
+    per, score, _ = score_features(model, z, solver, probe, seed, rtol, atol, batch_size, method, steps, eps)
     return per, score
 
 

@@ -40,10 +40,7 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
 
     if is_bundle(f):
         full = open_bundle(f).dode(device)
-        use = full.scales if scales is None else [int(s) for s in scales]
-        missing = [s for s in use if s not in full.scales]
-        if missing or not use:
-            raise AnomalyDiffusionError(f"no score network for scale(s) {missing or use} in '{f}' (has {full.scales})")
+        use = _pick_scales(full.scales, scales, f)
         keep = [full.scales.index(s) for s in use]
         return DODEModel(
             encoder=full.encoder,
@@ -59,10 +56,7 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
     spec = EncoderSpec(**spec_d)
     encoder = build_encoder(spec, state=load_state(enc_path)).to(device)
     found = sorted((int(p.stem.rsplit("_", 1)[1]) for p in f.glob("dode_score_*.safetensors")), reverse=True)
-    use = found if scales is None else list(scales)
-    missing = [s for s in use if s not in found]
-    if missing or not use:
-        raise AnomalyDiffusionError(f"no score network for scale(s) {missing or use} in '{f}' (found {found})")
+    use = _pick_scales(found, scales, f)
     nets, stds = [], []
     for s in use:
         path = f / f"dode_score_{s}.safetensors"
@@ -72,6 +66,15 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
         nets.append(net.to(device).eval())
         stds.append(Standardiser(np.asarray(m["feature_mean"]), np.asarray(m["feature_std"])))
     return DODEModel(encoder=encoder, spec=spec, scales=use, nets=nets, standardisers=stds)
+
+
+def _pick_scales(found: list[int], wanted: list[int] | None, where: Path) -> list[int]:
+    """``wanted`` (all of ``found`` if None), refused with a message if any has no score network."""
+    use = list(found) if wanted is None else [int(s) for s in wanted]
+    missing = [s for s in use if s not in found]
+    if missing or not use:
+        raise AnomalyDiffusionError(f"no score network for scale(s) {missing or use} in '{where}' (found {found})")
+    return use
 
 
 def standardised_features(model: DODEModel, slices: np.ndarray | torch.Tensor) -> list[torch.Tensor]:

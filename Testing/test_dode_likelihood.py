@@ -192,3 +192,41 @@ def test_hutchinson_mean_matches_the_exact_trace_in_256_dimensions(probe):
     se = est.std() / math.sqrt(len(est))
     assert abs(float(est.mean() - exact[0])) < 4 * float(se)
     assert float(se) > 0  # a real estimate, not the exact value in disguise
+
+
+def test_speed_benchmark_compares_both_solvers_on_the_same_probes(tmp_path):
+    """benchmarks/dode_speed.py on the embedded bundle (one scale, two slices, loose tolerances):
+    the per-sample baseline and each batched tolerance agree on bpd and are all reported."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from AnomalyDiffusionLib.bundle import default_bundle_path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import dode_speed
+
+    out = tmp_path / "speed.json"
+    res = dode_speed.main(
+        [
+            "--model",
+            str(default_bundle_path()),
+            "--scales",
+            "128",
+            "--slices",
+            "2",
+            "--rtol",
+            "1e-3",
+            "--batched-rtol",
+            "1e-2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text()) == res
+    assert res["scales"] == [128] and res["slices"] == 2
+    # one solve per sample and scale for the baseline, one per step for the batched solve
+    assert res["network_calls_scipy"] >= 2 * 10 and res["network_calls_torch"] >= 10
+    assert res["max_abs_bpd_difference"] < 5e-3  # same probes, same tolerance: only the integration differs
+    assert res["max_abs_bpd_difference_rtol_0.01"] < 5e-2
+    assert res["ratio"] > 0 and res["ratio_rtol_0.01"] > 0

@@ -80,10 +80,18 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     with pytest.raises(AnomalyDiffusionError, match="no score network for scale"):
         load_dode(out, scales=[192])
     assert train_dode.main([*args[:-2], "--out", str(out), "--iterations", "6", "--resume"]) == 0
+    from AnomalyDiffusionLib.modelio import read_meta
+
+    flipped = tmp_path / "dode_hflip"
+    assert train_dode.main([*args[:-2], "--scales", "64", "--iterations", "2", "--hflip", "--out", str(flipped)]) == 0
+    plain_meta = read_meta(out / "dode_score_64.safetensors")
+    flip_meta = read_meta(flipped / "dode_score_64.safetensors")
+    assert (plain_meta["augmentation"], flip_meta["augmentation"]) == ("none", "hflip")
+    assert flip_meta["healthy_slices"] == 2 * plain_meta["healthy_slices"]  # every healthy slice and its mirror
 
     # bad input: wrong channel count, NaN, features that do not fit a scale, another config's weights
     from AnomalyDiffusionLib.errors import InputError
-    from AnomalyDiffusionLib.modelio import read_meta, save_weights
+    from AnomalyDiffusionLib.modelio import save_weights
 
     with pytest.raises(InputError, match="grey"):
         score_slices(model, torch.zeros(1, 2, 128, 128))

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales", default="256,192,128,64", help="input sizes (default 256,192,128,64; paper best 128,192)"
     )
     p.add_argument("--config", default="small", choices=("tiny", "small", "paper"), help="score UNet size")
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="also train on the left-right mirror of every healthy slice (brains are near-symmetric; "
+        "twice the healthy features for a small training set)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2000, help="iterations per scale")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -107,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         if healthy.sum() < 2:
             raise AnomalyDiffusionError("no healthy slices to train on (AnoDODE models healthy anatomy only)")
         slices = torch.from_numpy(x[healthy])
+        if args.hflip:
+            slices = torch.cat([slices, slices.flip(-1)])
         feats = extract(encoder, slices, scales)
         print(
-            f"{len(slices)} healthy slices, encoder {spec.name} blocks[:{spec.stages}] "
+            f"{len(slices)} healthy slices{' (half of them mirrored)' if args.hflip else ''}, "
+            f"encoder {spec.name} blocks[:{spec.stages}] "
             f"({feats[0].shape[1]} channels), scales {scales}, device {dist.device}"
         )
         args.out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "modality": args.modality,
                     "training_data": source,
                     "healthy_slices": len(slices),
+                    "augmentation": "hflip" if args.hflip else "none",
                     "iterations": args.iterations,
                 },
             )

@@ -83,11 +83,17 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     from AnomalyDiffusionLib.modelio import read_meta
 
     flipped = tmp_path / "dode_hflip"
-    assert train_dode.main([*args[:-2], "--scales", "64", "--iterations", "2", "--hflip", "--out", str(flipped)]) == 0
+    assert (
+        train_dode.main(
+            [*args[:-2], "--scales", "64", "--iterations", "2", "--hflip", "--dropout", "0.1", "--out", str(flipped)]
+        )
+        == 0
+    )
     plain_meta = read_meta(out / "dode_score_64.safetensors")
     flip_meta = read_meta(flipped / "dode_score_64.safetensors")
     assert (plain_meta["augmentation"], flip_meta["augmentation"]) == ("none", "hflip")
     assert flip_meta["healthy_slices"] == 2 * plain_meta["healthy_slices"]  # every healthy slice and its mirror
+    assert (plain_meta["config"]["dropout"], flip_meta["config"]["dropout"]) == (0.0, 0.1)
 
     # bad input: wrong channel count, NaN, features that do not fit a scale, another config's weights
     from AnomalyDiffusionLib.errors import InputError

@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales", default="256,192,128,64", help="input sizes (default 256,192,128,64; paper best 128,192)"
     )
     p.add_argument("--config", default="small", choices=("tiny", "small", "paper"), help="score UNet size")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout of the score UNet's residual blocks (default: the config's, 0.1 for paper, 0 otherwise)",
+    )
     p.add_argument(
         "--hflip",
         action="store_true",
@@ -132,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             std = Standardiser.fit(f)
             z_all = std(f).float()
             torch.manual_seed(args.seed + k)
-            model = ScoreNet(score_config(args.config, f.shape[1], f.shape[-1]))
+            config = score_config(args.config, f.shape[1], f.shape[-1])
+            if args.dropout is not None:
+                config = dataclasses.replace(config, dropout=args.dropout)
+            model = ScoreNet(config)
             bs = min(args.batch_size, len(z_all))
 
             def loss_fn(net, rng: np.random.Generator, z_all=z_all, bs=bs) -> torch.Tensor:

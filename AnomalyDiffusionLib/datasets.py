@@ -435,7 +435,8 @@ def open_slices(
     progress: ProgressCallback | None = None,
 ) -> SliceDataset:
     """The slices a script works on: ``data/split`` of a prepared dataset (or ``data`` itself),
-    memory-mapped, or ``phantom`` synthetic subjects (axial range ``start:stop``) built in memory."""
+    memory-mapped, or ``phantom`` synthetic subjects built in memory; either restricted to the axial
+    slices ``start:stop`` (canonical slice indices, e.g. BMAD's 60:100 of the 155 BraTS slices)."""
     if (data is None) == (phantom is None):
         raise InputError("give exactly one of --data or --phantom")
     if data is not None:
@@ -447,6 +448,11 @@ def open_slices(
                 f"dataset slices are {ds.size}×{ds.size} but the model is {size}×{size}; "
                 f"train with --image-size {ds.size} or prepare the data with --size {size}"
             )
+        if start is not None or stop is not None:
+            keep = np.flatnonzero((ds.slices >= (start or 0)) & (ds.slices < (stop if stop is not None else 1 << 30)))
+            if not len(keep):
+                raise InputError(f"no slices of {folder} lie in the axial range {start}:{stop}")
+            ds = ds.select(keep)
         return ds
     from .phantom import PhantomOptions
 
@@ -475,10 +481,15 @@ def load_or_make(
     max_slices: int | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    start: int | None = None,
+    stop: int | None = None,
 ) -> tuple[np.ndarray, SliceDataset]:
-    """:func:`open_slices` for calibration/evaluation: a seeded random subset of at most
-    ``max_slices``, and its images restricted to ``modalities`` as float32 [N, C, S, S] in memory."""
-    ds = open_slices(data, split, phantom, modalities, size, phantom_seed, healthy_fraction, spacing, progress=progress)
+    """:func:`open_slices` (axial range ``start:stop``) for calibration/evaluation: a seeded random
+    subset of at most ``max_slices``, and its images restricted to ``modalities`` as float32
+    [N, C, S, S] in memory."""
+    ds = open_slices(
+        data, split, phantom, modalities, size, phantom_seed, healthy_fraction, spacing, start, stop, progress=progress
+    )
     if max_slices is not None and len(ds) > max_slices:
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))
     return np.asarray(ds.channels(modalities), dtype=np.float32), ds

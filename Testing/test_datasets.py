@@ -131,6 +131,16 @@ def test_phantom_dataset_and_save_load_round_trip(tmp_path):
     assert back.subjects == ds.subjects and np.array_equal(back.slices, ds.slices)
     assert back.meta["count"] == len(ds) and back.meta["unhealthy"] == int(ds.labels.sum())
 
+    # an axial range picks the same slices from a prepared folder as from the phantom itself
+    band = D.open_slices(tmp_path / "ds", "train", None, ("flair",), 64, start=30, stop=40)
+    keep = (ds.slices >= 30) & (ds.slices < 40)
+    assert np.array_equal(band.slices, ds.slices[keep])
+    assert band.subjects == [s for s, k in zip(ds.subjects, keep, strict=True) if k]
+    x, _ = D.load_or_make(None, "train", 2, ("flair",), 64, phantom_seed=30, healthy_fraction=0.5, start=30, stop=40)
+    assert np.array_equal(x, np.asarray(ds.channels(("flair",)), np.float32)[keep])
+    with pytest.raises(InputError, match="axial range 300:400"):
+        D.open_slices(tmp_path / "ds", "train", None, ("flair",), 64, start=300, stop=400)
+
 
 def test_write_case_int16_and_names(tmp_path):
     ph = make_subject(1, PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair",)))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from AnomalyDiffusionLib.cli_support import parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder, extract
@@ -51,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--components", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--slices",
+        default=None,
+        metavar="START:STOP",
+        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
+        "30:50 is the same 40 mm band of a 2 mm phantom)",
+    )
     args = p.parse_args(argv)
     tune_cpu_allocator()
     scales = tuple(int(s) for s in args.scales.split(","))
-    xtr, dtr = load_or_make(None, "train", args.train_phantom, ("flair",), 128, 2000)
-    xte, dte = load_or_make(None, "test", args.test_phantom, ("flair",), 128, 9000)
+    start, stop = parse_slice_range(args.slices)
+    xtr, dtr = load_or_make(None, "train", args.train_phantom, ("flair",), 128, 2000, start=start, stop=stop)
+    xte, dte = load_or_make(None, "test", args.test_phantom, ("flair",), 128, 9000, start=start, stop=stop)
     healthy = np.asarray(dtr.labels) == 0
     y = np.asarray(dte.labels).astype(bool)
     torch.manual_seed(args.seed)

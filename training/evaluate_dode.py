@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.bundle import is_bundle
+from AnomalyDiffusionLib.cli_support import parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-seed", type=int, default=9000)
     p.add_argument("--slice-size", type=int, default=128)
     p.add_argument("--max-slices", type=int, default=None)
+    p.add_argument(
+        "--slices",
+        default=None,
+        metavar="START:STOP",
+        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
+        "30:50 is the same 40 mm band of a 2 mm phantom)",
+    )
     p.add_argument("--solver", choices=("torch", "scipy"), default="torch")
     p.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default="rademacher")
     p.add_argument("--rtol", type=float, default=1e-5)
@@ -107,7 +115,10 @@ def score_real_case(model, folder: Path, size: int, args) -> dict:
 def load_slices(args, size: int):
     if sum(v is not None for v in (args.data, args.bmad, args.phantom)) != 1:
         raise AnomalyDiffusionError("give exactly one of --data, --bmad or --phantom")
+    start, stop = parse_slice_range(args.slices)
     if args.bmad is not None:
+        if args.slices:
+            raise AnomalyDiffusionError("--slices does not apply to --bmad: its PNGs are already axial slices 60-100")
         ds = read_bmad(args.bmad, args.split, size=size)
         if args.max_slices and len(ds) > args.max_slices:
             ds = ds.select(np.sort(np.random.default_rng(args.seed).choice(len(ds), args.max_slices, replace=False)))
@@ -121,6 +132,8 @@ def load_slices(args, size: int):
         args.phantom_seed,
         max_slices=args.max_slices,
         seed=args.seed,
+        start=start,
+        stop=stop,
     )
 
 
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "slices": len(labels),
         "anomalous": int(labels.sum()),
+        "axial_range": args.slices,
         "scales": model.scales,
         "encoder": model.spec.as_dict(),
         "solver": args.solver,
@@ -185,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threshold": table1.threshold,
                     "best_f1": table1.best_f1,
                     "scales": model.scales,
-                    "source": f"{args.split} split, {len(labels)} slices",
+                    "source": f"{args.split} split, {len(labels)} slices"
+                    + (f" (axial {args.slices})" if args.slices else ""),
                 },
                 indent=1,
             )

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AnomalyDiffusionLib.cli_support import TqdmProgress
+from AnomalyDiffusionLib.cli_support import TqdmProgress, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder, extract
@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--phantom", type=int, metavar="N", help="N synthetic subjects (their healthy slices)")
     p.add_argument("--phantom-seed", type=int, default=2000)
+    p.add_argument(
+        "--slices",
+        default=None,
+        metavar="START:STOP",
+        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
+        "30:50 is the same 40 mm band of a 2 mm phantom)",
+    )
     p.add_argument("--modality", default="flair", help="channel encoded (default flair, as the paper)")
     p.add_argument("--slice-size", type=int, default=128, help="slice size of phantom data (default 128)")
     p.add_argument(
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = setup_distributed(args.device)
         scales = tuple(int(s) for s in args.scales.split(","))
+        start, stop = parse_slice_range(args.slices)
         spec = EncoderSpec(name=args.encoder, stages=args.stages, pretrained=not args.random_encoder, scales=scales)
         torch.manual_seed(args.seed)
         encoder = build_encoder(spec, weights_file=None if args.random_encoder else args.encoder_weights)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.slice_size,
                 args.phantom_seed,
                 progress=progress,
+                start=start,
+                stop=stop,
             )
         healthy = np.asarray(ds.labels) == 0
         if healthy.sum() < 2:
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     "training_data": source,
                     "healthy_slices": len(slices),
                     "augmentation": "hflip" if args.hflip else "none",
+                    "slice_range": [start, stop],
                     "iterations": args.iterations,
                 },
             )

@@ -47,6 +47,22 @@ def image_level(labels: np.ndarray, scores: np.ndarray) -> ImageLevel:
     return ImageLevel(auroc=auroc, best_f1=float(f1[k]), accuracy=acc, threshold=thr)
 
 
+def slice_references(slices: np.ndarray, background: float = -0.95, percentile: float = 99.9) -> dict[str, np.ndarray]:
+    """Trivial per-slice scores that an image-level detector must beat, for grey slices
+    [N, 1, S, S] (or [N, S, S]) in [-1, 1] with background at -1.
+
+    * ``brain area``: the fraction of pixels above ``background``. Lesions sit in the large central
+      slices of a brain, so on a test set that keeps all slices this alone separates them (the
+      reason BMAD keeps axial slices 60–100 only).
+    * ``FLAIR p<percentile>``: that percentile of the brain pixels' intensity (lesions are FLAIR-bright).
+    """
+    x = np.asarray(slices, dtype=np.float32)
+    x = x.reshape(len(x), -1)
+    brain = x > background
+    high = np.array([np.percentile(v[b], percentile) if b.any() else -1.0 for v, b in zip(x, brain, strict=True)])
+    return {"brain area": brain.mean(1), f"FLAIR p{percentile:g}": high}
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, empty: float = 1.0) -> float:
     """DICE = 2|P∩T| / (|P| + |T|); ``empty`` when both are empty."""
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)

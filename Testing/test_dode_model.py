@@ -207,6 +207,8 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
                 "20",
                 "--slice-size",
                 "128",
+                "--slices",
+                "10:70",
                 "--out",
                 str(tmp_path / "val"),
             ]
@@ -215,6 +217,8 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
     )
     rep = json.loads((tmp_path / "val" / "results.json").read_text())
     assert rep["table2"][0]["scales"] == [64] and 0 <= rep["table1"]["auroc"] <= 1
+    assert set(rep["references"]) == {"brain area", "FLAIR p99.9"}
+    assert rep["axial_range"] == "10:70"
     loc = rep["localisation"]  # the decoder beside the model is found and scored on the lesion slices
     assert loc["scale"] == 64 and [r["t0"] for r in loc["t0"]] == [0.5, 0.9] and loc["slices"] >= 1
     assert all(0 <= r["auroc"] <= 1 and 0 < r["auprc"] <= 1 for r in [*loc["t0"], loc["intensity"]])

@@ -63,3 +63,14 @@ def test_pixel_level_and_table_hand_case():
     assert table["mixed"].dice == pytest.approx((0.5 + 1.0) / 2)
     with pytest.raises(ValueError, match="differ in shape"):
         M.segmentation_table(pred, truth, unhealthy_masks=ungated[:1])
+
+
+def test_slice_references_hand_case():
+    """Brain area = pixels above the background; the percentile is taken over brain pixels only."""
+    x = np.full((2, 1, 10, 10), -1.0, np.float32)
+    x[0, 0, :5] = 0.0  # half the slice is brain, all at 0
+    x[1, 0, :2] = np.linspace(-0.5, 0.5, 20).reshape(2, 10)  # a fifth, intensities spread
+    ref = M.slice_references(x, percentile=100)
+    assert np.allclose(ref["brain area"], [0.5, 0.2])
+    assert np.allclose(ref["FLAIR p100"], [0.0, 0.5])  # the background's -1 never counts
+    assert M.slice_references(np.full((1, 4, 4), -1.0))["FLAIR p99.9"][0] == -1.0  # no brain at all

@@ -33,7 +33,7 @@ from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.metrics import image_level
+from AnomalyDiffusionLib.metrics import image_level, slice_references
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(secs, 1),
         "table1": table1.as_dict(),
         "table2": ablation,
+        # what trivial scores reach on the same slices: a likelihood that does not beat them has
+        # found the slice position or the intensity, not the lesion
+        "references": {name: image_level(labels, s).auroc for name, s in slice_references(x).items()},
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     lines = ["| Scales | AUROC | best F1 | ACC |", "|---|---|---|---|"]
     for row in ablation:
         scales = ",".join(map(str, row["scales"]))
         lines.append(f"| {scales} | {row['auroc']:.3f} | {row['best_f1']:.3f} | {row['accuracy']:.3f} |")
+    for name, auroc in report["references"].items():
+        lines.append(f"| reference: {name} | {auroc:.3f} | | |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     if args.real_case is not None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -23,6 +24,17 @@ def parse_slice_range(text: str | None) -> tuple[int | None, int | None]:
     except ValueError:
         raise InputError(f"slice range must be integers START:STOP, got '{text}'") from None
     return start, stop
+
+
+def add_slice_range_argument(parser: argparse.ArgumentParser) -> None:
+    """``--slices START:STOP`` of the training/evaluation scripts; read it with :func:`parse_slice_range`."""
+    parser.add_argument(
+        "--slices",
+        default=None,
+        metavar="START:STOP",
+        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
+        "30:50 is the same 40 mm band of a 2 mm phantom)",
+    )
 
 
 class TqdmProgress:

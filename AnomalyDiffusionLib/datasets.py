@@ -449,7 +449,7 @@ def open_slices(
                 f"train with --image-size {ds.size} or prepare the data with --size {size}"
             )
         if start is not None or stop is not None:
-            keep = np.flatnonzero((ds.slices >= (start or 0)) & (ds.slices < (stop if stop is not None else 1 << 30)))
+            keep = np.flatnonzero((ds.slices >= (start or 0)) & (ds.slices < (np.inf if stop is None else stop)))
             if not len(keep):
                 raise InputError(f"no slices of {folder} lie in the axial range {start}:{stop}")
             ds = ds.select(keep)

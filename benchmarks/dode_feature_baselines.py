@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from AnomalyDiffusionLib.cli_support import parse_slice_range
+from AnomalyDiffusionLib.cli_support import add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder, extract
@@ -52,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--components", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--slices",
-        default=None,
-        metavar="START:STOP",
-        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
-        "30:50 is the same 40 mm band of a 2 mm phantom)",
-    )
+    add_slice_range_argument(p)
     args = p.parse_args(argv)
     tune_cpu_allocator()
     scales = tuple(int(s) for s in args.scales.split(","))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.bundle import is_bundle
-from AnomalyDiffusionLib.cli_support import parse_slice_range
+from AnomalyDiffusionLib.cli_support import add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
@@ -50,13 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-seed", type=int, default=9000)
     p.add_argument("--slice-size", type=int, default=128)
     p.add_argument("--max-slices", type=int, default=None)
-    p.add_argument(
-        "--slices",
-        default=None,
-        metavar="START:STOP",
-        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
-        "30:50 is the same 40 mm band of a 2 mm phantom)",
-    )
+    add_slice_range_argument(p)
     p.add_argument("--solver", choices=("torch", "scipy"), default="torch")
     p.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default="rademacher")
     p.add_argument("--rtol", type=float, default=1e-5)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from AnomalyDiffusionLib.bundle import is_bundle
-from AnomalyDiffusionLib.cli_support import TqdmProgress, parse_slice_range
+from AnomalyDiffusionLib.cli_support import TqdmProgress, add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.dode.decoder import Decoder, reconstruction_loss
@@ -55,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="slice dataset (train/ split; healthy slices used)")
     src.add_argument("--phantom", type=int, metavar="N", help="N synthetic subjects")
     p.add_argument("--phantom-seed", type=int, default=3000)
-    p.add_argument(
-        "--slices",
-        default=None,
-        metavar="START:STOP",
-        help="axial slices START:STOP only (canonical indices; BMAD uses 60:100 of the 155 BraTS slices, "
-        "30:50 is the same 40 mm band of a 2 mm phantom)",
-    )
+    add_slice_range_argument(p)
     p.add_argument("--modality", default="flair")
     p.add_argument("--slice-size", type=int, default=128)
     p.add_argument("--scale", type=int, default=128, help="encoder input size whose features are decoded")

@@ -10,6 +10,7 @@ from skimage import data
 from skimage.transform import resize
 
 from AnomalyDiffusionLib.dode.features import (
+    DEFAULT_ENCODER,
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderSpec,
@@ -21,20 +22,55 @@ from AnomalyDiffusionLib.dode.features import (
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 
 
+def _top(net: torch.nn.Module, name: str, mean, std, k: int = 1) -> tuple[list[int], float]:
+    """The top-k ImageNet classes of a scikit-image photo and the top-1 probability."""
+    img = resize(getattr(data, name)(), (224, 224), anti_aliasing=True).astype(np.float32)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[
+        :, None, None
+    ]
+    with torch.no_grad():
+        p, i = net(x).softmax(1)[0].topk(k)
+    return i.tolist(), float(p[0])
+
+
 def test_packaged_lite0_weights_classify_photos():
-    """Strict load into timm's efficientnet_lite0; ImageNet top-3 on scikit-image's bundled photos:
-    the cat (281-285 cats), the coffee (967 espresso), the rocket (657 missile / 744 projectile)."""
-    net = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    """Strict load into timm's tf_efficientnet_lite0 (the TF port the weights come from), with its own
+    input scaling (mean = std = 0.5); ImageNet top-1 on scikit-image's bundled photos, the cat
+    (281-285 cats) and the coffee (967 espresso), and top-3 on the rocket on its launch tower
+    (657 missile / 744 projectile; its top-1 is 540, drilling platform, the tower)."""
+    net = timm.create_model(DEFAULT_ENCODER, pretrained=False).eval()
     net.load_state_dict(lite0_imagenet_state(), strict=True)
-    expected = {"chelsea": {281, 282, 283, 284, 285}, "coffee": {967, 968, 504}, "rocket": {657, 744, 812}}
-    for name, classes in expected.items():
-        img = resize(getattr(data, name)(), (224, 224), anti_aliasing=True).astype(np.float32)
-        x = (torch.from_numpy(img).permute(2, 0, 1)[None] - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
-            IMAGENET_STD
-        )[:, None, None]
-        with torch.no_grad():
-            top = net(x).softmax(1)[0].topk(3)
-        assert int(top.indices[0]) in classes and float(top.values[0]) > 0.3, (name, top)
+    enc = build_encoder(EncoderSpec())
+    mean, std = enc.mean.flatten().tolist(), enc.std.flatten().tolist()
+    assert mean == std == [0.5, 0.5, 0.5]  # the encoder normalises as its variant expects
+    for name, classes in {"chelsea": {281, 282, 283, 284, 285}, "coffee": {967, 968, 504}}.items():
+        cls, p = _top(net, name, mean, std)
+        assert cls[0] in classes and p > 0.5, (name, cls, p)
+    assert {657, 744} & set(_top(net, "rocket", mean, std, k=3)[0])
+
+
+def test_matching_variant_is_more_confident_than_the_mismatched_one():
+    """The oracle of issue 19: on the cat, the matching TF variant gives the Egyptian cat ~0.79, the
+    symmetric-padding variant with ImageNet scaling only ~0.54 (the weights do not fit it)."""
+    tf = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    tf.load_state_dict(lite0_imagenet_state("tf_efficientnet_lite0"), strict=True)
+    pt = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    pt.load_state_dict(lite0_imagenet_state("efficientnet_lite0"), strict=True)
+    cls_tf, p_tf = _top(tf, "chelsea", (0.5,) * 3, (0.5,) * 3)
+    cls_pt, p_pt = _top(pt, "chelsea", IMAGENET_MEAN, IMAGENET_STD)
+    assert cls_tf == cls_pt == [285]
+    assert p_tf > 0.7 and p_pt < 0.65 and p_tf - p_pt > 0.15
+
+
+def test_older_bundles_keep_their_encoder_variant():
+    """A spec naming efficientnet_lite0 (bundles before the fix) builds that variant with ImageNet
+    scaling, so its features are those the bundle's score networks were trained on."""
+    old = build_encoder(EncoderSpec(name="efficientnet_lite0"))
+    assert old.bn1.eps == 1e-5 and np.allclose(old.mean.flatten(), IMAGENET_MEAN)
+    new = build_encoder(EncoderSpec())
+    assert new.bn1.eps == 1e-3
+    with pytest.raises(AnomalyDiffusionError, match="fit"):
+        lite0_imagenet_state("efficientnet_b0")
 
 
 def test_multi_scale_features_have_the_paper_layout():

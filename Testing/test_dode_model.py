@@ -70,7 +70,7 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     for name in ("dode_encoder.safetensors", "dode_score_128.safetensors", "dode_score_64.safetensors"):
         assert (out / name).is_file()
     model = load_dode(out)
-    assert model.scales == [128, 64] and model.spec.name == "efficientnet_lite0" and model.spec.pretrained
+    assert model.scales == [128, 64] and model.spec.name == "tf_efficientnet_lite0" and model.spec.pretrained
     x = torch.rand(2, 1, 128, 128) * 2 - 1
     per_a, s_a = score_slices(model, x, rtol=1e-4, atol=1e-4)
     per_b, _ = score_slices(model, x, solver="scipy", rtol=1e-4, atol=1e-4)

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from AnomalyDiffusionLib.cli_support import add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
-from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder, extract
+from AnomalyDiffusionLib.dode.features import DEFAULT_ENCODER, EncoderSpec, Standardiser, build_encoder, extract
 
 
 def scores(train: torch.Tensor, test: torch.Tensor, k: int, components: int) -> dict[str, np.ndarray]:
@@ -43,7 +43,7 @@ def scores(train: torch.Tensor, test: torch.Tensor, k: int, components: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--stages", type=int, default=6, help="blocks kept (default 6: the stride-32 stage)")
     p.add_argument("--scales", default="256,128")
     p.add_argument("--random-encoder", action="store_true", help="randomly initialised encoder (seeded)")

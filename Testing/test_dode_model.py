@@ -46,6 +46,55 @@ def test_dsm_trained_score_separates_in_and_out_of_distribution():
     assert r_out.bpd.mean() > r_in.bpd.mean() + 1.0
 
 
+def _train_on_standard_normal(skip: bool, channels: int = 32, size: int = 4, steps: int = 150) -> ScoreNet:
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    net = ScoreNet(score_config("tiny", channels, size, gaussian_skip=skip))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(steps):
+        loss = dsm_loss(net, torch.randn(64, channels, size, size, generator=g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def _eps_mse(net: ScoreNet, t: float, n: int = 256) -> float:
+    g = torch.Generator().manual_seed(2)
+    c, s = net.config.in_channels, net.config.image_size
+    z0 = torch.randn(n, c, s, s, generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    tt = torch.full((n,), t)
+    with torch.no_grad():
+        return float(((net.eps(net.sde.perturb(z0, tt, noise), tt) - noise) ** 2).mean())
+
+
+def test_gaussian_skip_represents_every_feature_direction():
+    """Issue 19 point 1. Standard-normal features with twice as many channels (32) as the UNet's base
+    width (16): the optimal ε̂ is σ(t)·z_t, whose MSE at t = 1 is m(1)² ≈ 4e-5. With the Gaussian skip
+    the trained network reaches it; without it the 3×3 16 → 32 output convolution can express ε̂ in
+    at most half of the directions and the MSE stays near ½ or above."""
+    skip, plain = _train_on_standard_normal(True), _train_on_standard_normal(False)
+    for t in (0.6, 1.0):
+        m, _ = skip.sde.marginal(torch.tensor(t))
+        optimum = float(m) ** 2  # E‖ε − σ z_t‖²/D = m² for unit-variance data
+        assert _eps_mse(skip, t) < optimum + 0.02, (t, _eps_mse(skip, t))
+        assert _eps_mse(plain, t) > 0.3, (t, _eps_mse(plain, t))
+
+
+def test_gaussian_skip_learns_the_closed_form_density_of_gaussian_data():
+    """The learned log density of N(0, I) features (24 channels, more than the base width 16) equals
+    the closed form Σ −½(log 2π + z²), exact trace so no probe noise: within 0.05 bpd per sample after
+    150 DSM steps (measured 0.005-0.02). The same training without the skip is off by 5.2-5.7 bpd
+    (measured; not run here, 90 s)."""
+    net = _train_on_standard_normal(True, channels=24, size=2)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 24, 2, 2, generator=g)
+    res = likelihood_torch(lambda x, t: net(x, t), z, probe="exact", rtol=1e-5, atol=1e-5)[0]
+    closed = (-0.5 * (np.log(2 * np.pi) + z.double().reshape(4, -1).numpy() ** 2)).sum(1)
+    assert np.abs(res.bpd - closed / (-96 * np.log(2))).max() < 0.05
+
+
 def test_train_dode_script_writes_a_loadable_model(tmp_path):
     out = tmp_path / "dode"
     args = [

@@ -40,13 +40,21 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated extra tolerances for the batched solve alone, each compared with the baseline",
     )
     p.add_argument("--seed", type=int, default=0, help="probe seed")
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=1,
+        help="Hutchinson probes averaged per slice in every run (default 1, the paper's; bundles use more)",
+    )
     p.add_argument("--device", default="auto", help="device of the batched solve (the baseline runs on CPU)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     tune_cpu_allocator()
     scales = [int(s) for s in args.scales.split(",")] if args.scales else None
     model = load_dode(args.model, scales=scales)
-    x, ds = load_or_make(None, "test", args.phantom, ("flair",), 128, args.phantom_seed, max_slices=args.slices)
+    x, ds = load_or_make(
+        None, "test", args.phantom, ("flair",), model.input_size, args.phantom_seed, max_slices=args.slices
+    )
     z = standardised_features(model, x)
     labels = np.asarray(ds.labels)
     has_labels = 0 < labels.sum() < len(labels)
@@ -60,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        per, score, nfe = score_features(m, zz, solver=solver, seed=args.seed, rtol=rtol, atol=rtol, batch_size=len(x))
+        per, score, nfe = score_features(
+            m, zz, solver=solver, seed=args.seed, rtol=rtol, atol=rtol, batch_size=len(x), n_probes=args.probes
+        )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         runs.append((time.perf_counter() - t0, per, score, nfe))
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         "slices": len(x),
         "scales": model.scales,
         "rtol": args.rtol,
+        "probes": args.probes,
         "threads": torch.get_num_threads(),
         "device_batched": dev,
         "baseline_scipy_s": round(t_b, 2),

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--phantom", type=int, metavar="N", help="N synthetic subjects")
     p.add_argument("--split", default="test", help="split to evaluate (default test; val stores the threshold)")
     p.add_argument("--phantom-seed", type=int, default=9000)
-    p.add_argument("--slice-size", type=int, default=128)
+    p.add_argument(
+        "--slice-size", type=int, default=None, help="grey slice size (default: the model's, else its largest scale)"
+    )
     p.add_argument("--max-slices", type=int, default=None)
     add_slice_range_argument(p)
     p.add_argument("--solver", choices=("torch", "scipy"), default="torch")
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = load_dode(args.model)
+        args.slice_size = args.slice_size or model.input_size
         x, ds = load_slices(args, args.slice_size)
         labels = np.asarray(ds.labels).astype(int)
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, open_bundle, 
 from AnomalyDiffusionLib.diffusion import Schedule
 from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
+from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, calibration_mismatches
 from AnomalyDiffusionLib.modelio import load_unet_any
 
 PHANTOM_STATEMENT = (
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.early_stop:
                 settings = replace(settings, early_stop=True)
             cal = Calibration(**cal_json["calibration"])
+            for msg in calibration_mismatches(settings, cal, cal_json["settings"]["stride"]):
+                print(f"warning: {msg}", file=sys.stderr)  # e.g. --stride other than the calibration's
             sec, files = fpdm_section(
                 model,
                 Schedule(),

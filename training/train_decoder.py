@@ -34,7 +34,7 @@ from AnomalyDiffusionLib.dode.features import extract
 from AnomalyDiffusionLib.dode.model import load_dode
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_weights
-from AnomalyDiffusionLib.trainer import setup_distributed, train_loop
+from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, setup_distributed, train_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": args.scale,
                 "healthy_slices": len(healthy),
                 "iterations": args.iterations,
+                "ema": {"decay": args.ema, "warmup": EMA_WARMUP_RULE if args.ema > 0 else None},
             },
         )
         print(f"decoder for scale {args.scale}: final loss {history[-1]['loss']:.4f}")

@@ -35,7 +35,7 @@ from AnomalyDiffusionLib.dode.features import DEFAULT_ENCODER, EncoderSpec, Stan
 from AnomalyDiffusionLib.dode.score import ScoreNet, dsm_loss, score_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_weights
-from AnomalyDiffusionLib.trainer import cleanup_distributed, setup_distributed, train_loop
+from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom-seed", type=int, default=2000)
     add_slice_range_argument(p)
     p.add_argument("--modality", default="flair", help="channel encoded (default flair, as the paper)")
-    p.add_argument("--slice-size", type=int, default=128, help="slice size of phantom data (default 128)")
+    p.add_argument(
+        "--slice-size",
+        type=int,
+        default=None,
+        help="grey slice size the phantom slices are made at (default: the largest scale, so each scale is "
+        "resampled from the source slice as in the paper, not upsampled from a smaller one)",
+    )
     p.add_argument(
         "--encoder",
         default=DEFAULT_ENCODER,
@@ -106,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = setup_distributed(args.device)
         scales = tuple(int(s) for s in args.scales.split(","))
+        if args.slice_size is None:
+            args.slice_size = max(scales)
+        elif args.slice_size < max(scales):
+            print(
+                f"warning: slices of {args.slice_size}² are upsampled to the {max(scales)}² scale (no extra detail)",
+                file=sys.stderr,
+            )
         start, stop = parse_slice_range(args.slices)
         spec = EncoderSpec(name=args.encoder, stages=args.stages, pretrained=not args.random_encoder, scales=scales)
         torch.manual_seed(args.seed)
@@ -191,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                     "healthy_slices": len(slices),
                     "augmentation": "hflip" if args.hflip else "none",
                     "slice_range": [start, stop],
+                    "slice_size": args.slice_size,
                     "iterations": args.iterations,
+                    "ema": {"decay": args.ema, "warmup": EMA_WARMUP_RULE if args.ema > 0 else None},
                 },
             )
             print(f"scale {scale}: final loss {history[-1]['loss']:.4f} ({history[-1]['seconds']:.0f} s)")

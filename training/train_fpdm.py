@@ -36,7 +36,7 @@ from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_unet
-from AnomalyDiffusionLib.trainer import cleanup_distributed, setup_distributed, train_loop
+from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 log = logging.getLogger("train_fpdm")
 
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 iterations=args.iterations,
                 training_data=source,
                 ema=args.ema,
+                ema_warmup=EMA_WARMUP_RULE if args.ema > 0 else None,
                 p_uncond=args.p_uncond,
                 max_t=max_t,
             )

@@ -134,8 +134,7 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
             )
         if spec.name != DEFAULT_ENCODER:
             log.warning(
-                "%s does not match the packaged TF-ported Lite0 weights (BN eps, padding, input scaling); "
-                "%s does",
+                "%s does not match the packaged TF-ported Lite0 weights (BN eps, padding, input scaling); %s does",
                 spec.name,
                 DEFAULT_ENCODER,
             )

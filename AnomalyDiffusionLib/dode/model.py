@@ -29,6 +29,15 @@ class DODEModel:
     scales: list[int]
     nets: list[ScoreNet]
     standardisers: list[Standardiser]
+    #: the grey slice size the features were trained from (None: unknown, older runs used 128). Slices
+    #: are made at this size from the volume and resized to each scale, so it should be ≥ max(scales).
+    slice_size: int | None = None
+
+    @property
+    def input_size(self) -> int:
+        """The slice size to make model inputs at: the trained one, else the largest scale (each
+        scale is then a resample of the source slice, never an upsampling of a smaller one)."""
+        return int(self.slice_size or max(self.scales))
 
 
 def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device: str = "cpu") -> DODEModel:
@@ -48,6 +57,7 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
             scales=use,
             nets=[full.nets[i] for i in keep],
             standardisers=[full.standardisers[i] for i in keep],
+            slice_size=full.slice_size,
         )
     enc_path = f / "dode_encoder.safetensors"
     meta = read_meta(enc_path)
@@ -58,14 +68,23 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
     found = sorted((int(p.stem.rsplit("_", 1)[1]) for p in f.glob("dode_score_*.safetensors")), reverse=True)
     use = _pick_scales(found, scales, f)
     nets, stds = [], []
+    slice_size = None
     for s in use:
         path = f / f"dode_score_{s}.safetensors"
         m = read_meta(path)
+        slice_size = m.get("slice_size", slice_size)
         net = ScoreNet(UNetConfig.from_dict(m["config"]))
         load_weights(net, load_state(path), what=f"weights in '{path}'")
         nets.append(net.to(device).eval())
         stds.append(Standardiser(np.asarray(m["feature_mean"]), np.asarray(m["feature_std"])))
-    return DODEModel(encoder=encoder, spec=spec, scales=use, nets=nets, standardisers=stds)
+    return DODEModel(
+        encoder=encoder,
+        spec=spec,
+        scales=use,
+        nets=nets,
+        standardisers=stds,
+        slice_size=None if slice_size is None else int(slice_size),
+    )
 
 
 def _pick_scales(found: list[int], wanted: list[int] | None, where: Path) -> list[int]:
@@ -110,13 +129,15 @@ def score_features(
     method: str = "dopri5",
     steps: int | None = None,
     eps: float = 1e-5,
+    n_probes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """bpd per scale [N, n_scales], the score (eq. 13) [N] and the number of score-network calls
     (batched or per sample, summed over scales and batches) for standardised features ``z``
     (:func:`standardised_features`).
 
-    Each batch of ``batch_size`` samples draws its probes from ``seed`` + its first index, the
-    same vectors whichever ``solver`` runs, so the two solvers differ only in the integration."""
+    Each batch of ``batch_size`` samples draws its ``n_probes`` probes per sample from ``seed`` + its
+    first index, the same vectors whichever ``solver`` runs, so the two solvers differ only in the
+    integration. Their estimates are averaged (the per-sample bpd's probe noise falls as 1/√K)."""
     if solver not in ("torch", "scipy"):
         raise ValueError(f"solver must be 'torch' or 'scipy', not {solver!r}")
     fns = [lambda x, t, net=net: net(x, t) for net in model.nets]
@@ -128,7 +149,7 @@ def score_features(
         probes = None
         if probe != "exact":
             gen = torch.Generator().manual_seed(seed + i)
-            probes = [make_probe(zz.shape, probe, gen) for zz in part]
+            probes = [make_probe(zz.shape, probe, gen, n_probes) for zz in part]
         if solver == "torch":
             res = likelihood_torch(
                 fns, part, eps=eps, probe=probe, rtol=rtol, atol=atol, method=method, steps=steps, probes=probes
@@ -158,14 +179,17 @@ def score_slices(
     method: str = "dopri5",
     steps: int | None = None,
     eps: float = 1e-5,
+    n_probes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """bpd per scale [N, n_scales] and the anomaly score S = mean over scales (eq. 13) [N] of grey
     slices [N, 1, S, S] in [-1, 1]. ``solver``: "torch" (batched, all scales at once) or "scipy"
     (the paper's per-sample RK45). ``method``/``steps``: the torch solver (see
     :func:`~AnomalyDiffusionLib.dode.likelihood.likelihood_torch`). ``eps``: the ODE's lower time limit
-    (score_sde's 1e-5)."""
+    (score_sde's 1e-5). ``n_probes``: Hutchinson probes averaged per slice."""
     z = standardised_features(model, slices)
-    per, score, _ = score_features(model, z, solver, probe, seed, rtol, atol, batch_size, method, steps, eps)
+    per, score, _ = score_features(
+        model, z, solver, probe, seed, rtol, atol, batch_size, method, steps, eps, n_probes=n_probes
+    )
     return per, score
 
 

@@ -245,7 +245,11 @@ class Bundle:
 
     # ---- method models
     def fpdm(self, device: str | torch.device = "cpu"):
-        """``(unet, schedule, settings, calibration)`` for AnoFPDM."""
+        """``(unet, schedule, settings, calibration)`` for AnoFPDM.
+
+        Settings the bundle predates take the behaviour it was calibrated with
+        (:data:`~AnomalyDiffusionLib.fpdm.STORED_DEFAULTS`: no clamp of the predictions, uniform cosine
+        weights), not today's defaults."""
         from .diffusion import Schedule, UNet, UNetConfig
         from .fpdm import Calibration, FPDMSettings
         from .trainer import load_weights
@@ -259,6 +263,8 @@ class Bundle:
             schedule = Schedule(
                 steps=int(sch["steps"]), beta_start=float(sch["beta_start"]), beta_end=float(sch["beta_end"])
             )
+            # settings stored before clip_denoised / cosine_weighting existed were calibrated without
+            # the clamp and with uniform weights: from_dict reads their absence as exactly that
             settings = FPDMSettings.from_dict(f["settings"])
             cal_d = dict(f["calibration"])
             cal = Calibration(**{k: cal_d[k] for k in Calibration.__dataclass_fields__ if k in cal_d})

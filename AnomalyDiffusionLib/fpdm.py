@@ -19,11 +19,25 @@ and forward step ``t``:
   in the paper's form but −√((1−ᾱ_t)/ᾱ_t)·w(ε_h − ε_∅) in the code's, M_t scales with w² instead
   of (1 + w)² (M_t = 0 at w = 0), MSE^∅ becomes the healthy-label error, and the cosine classifier
   changes; calibrate with the same form you infer with.
+* ``clip_denoised`` (default on, as the reference code: ``calc_pred_xstart_loop(clip_denoised=True)``
+  → ``process_xstart`` → ``clamp(-1, 1)``) clamps both predictions x̃ʰ_{0,t} and x̃^∅_{0,t} to
+  [-1, 1] before anything below uses them; off, they follow the paper's eqs. 7 and 10 unbounded.
+  Bundles stored before the setting existed were calibrated without the clamp and are read with
+  it off (:meth:`FPDMSettings.from_dict`).
 * Divergence M_t = ‖x̃ʰ − x̃^∅‖²/d per modality channel (eq. 12), sub-anomaly map
   S_t = (x̃ʰ_{0,t} − x_0)² (eq. 19), t_e = argmax_t M_t per channel (eq. 21), aggregated map
-  H = mean of S_t over the steps up to t_e (eq. 20), and the S_{t_e}-only variant.
+  H = mean of S_t over the steps up to t_e (eq. 20), and the S_{t_e}-only variant. M_t scales with
+  (1 + w)² (eq. 13; exactly without the clamp), so M_max must be calibrated at the w used for inference.
 * MSE sequences MSEʰ_t = ‖x̃ʰ − x_0‖²/d and MSE^∅_t = ‖x̃^∅ − x_0‖²/d and their cosine similarity
-  (eq. 18) classify the slice (unhealthy if the cosine ≤ the calibrated threshold).
+  (eq. 18) classify the slice (unhealthy if the cosine ≤ the calibrated threshold). Eq. 18 sums over
+  every step; with a stride the visited steps stand for the steps between them, so by default
+  (``cosine_weighting="spacing"``) each term is weighted by the unit steps it stands for
+  (:func:`cosine_weights`), which makes a strided cosine approximate the stride-1 one; "uniform"
+  weights every visited step alike (the behaviour before, and that of stored bundles without the
+  setting).
+
+Calibration (:class:`Calibration`) holds the settings it was made with; :func:`calibration_mismatches`
+names every inference setting that differs from them (the pipeline reports these as warnings).
 
 Streaming: only running sums are kept (Σ S_t, the sum at the running argmax of M_t, S at that step),
 so memory does not grow with the number of steps; the per-step scalars (M_t, MSEs) are kept for the
@@ -64,6 +78,12 @@ class FPDMSettings:
     patience: int = 60  #: early stop: steps (in schedule units) past the running M_t peak ...
     drop: float = 0.5  #: ... with M_t below ``drop`` × that peak on every map channel
     cosine_steps: int | None = None  #: horizon of the eq. 18 sequences (None: all ``steps``)
+    #: eq. 18 terms weighted by the unit steps each visited step stands for ("spacing", see
+    #: :func:`cosine_weights`) or all alike ("uniform", the behaviour before this setting existed)
+    cosine_weighting: str = "spacing"
+    #: clamp x̃ʰ_{0,t} and x̃^∅_{0,t} to [-1, 1] before M_t, S_t and the MSEs (reference code); off
+    #: follows the paper's eqs. 7 and 10 unbounded (and bundles stored before this setting existed)
+    clip_denoised: bool = True
     batch_size: int = 32  #: slices per batch (each network call sees twice as many inputs)
     #: DDIM with stride > 1: "jump" applies eq. 4 once across the gap between visited steps;
     #: "extrapolate" takes the stride-1 inversion's unit steps across the gap instead, with ε_∅ at the
@@ -80,6 +100,8 @@ class FPDMSettings:
             )
         if self.gap not in ("jump", "extrapolate"):
             raise ValueError(f"gap must be 'jump' or 'extrapolate', not {self.gap!r}")
+        if self.cosine_weighting not in ("spacing", "uniform"):
+            raise ValueError(f"cosine_weighting must be 'spacing' or 'uniform', not {self.cosine_weighting!r}")
         if self.steps < 1 or self.stride < 1:
             raise ValueError("steps and stride must be positive")
 
@@ -98,13 +120,42 @@ class FPDMSettings:
         d["map_channels"] = None if self.map_channels is None else list(self.map_channels)
         return d
 
+    def calibration_dict(self) -> dict:
+        """The fields the calibrated cosine threshold and M_max depend on (:data:`CALIBRATION_FIELDS`),
+        JSON-ready, as stored in :attr:`Calibration.settings`."""
+        d = self.as_dict()
+        return {k: d[k] for k in CALIBRATION_FIELDS}
+
     @staticmethod
     def from_dict(d: dict, **overrides) -> FPDMSettings:
-        """Inverse of :meth:`as_dict` (JSON lists back to tuples); ``overrides`` replace fields."""
-        d = {**d, **overrides}
+        """Inverse of :meth:`as_dict` (JSON lists back to tuples); ``overrides`` replace fields.
+
+        A field missing from ``d`` (settings stored before the field existed) takes its value from
+        :data:`STORED_DEFAULTS` where the code that wrote ``d`` behaved differently from today's
+        default, so stored bundles and calibration files keep the behaviour they were calibrated with.
+        """
+        d = {**STORED_DEFAULTS, **d, **overrides}
         if d.get("map_channels") is not None:
             d["map_channels"] = tuple(d["map_channels"])
         return FPDMSettings(**d)
+
+
+#: settings whose value changes the cosine (eq. 18) or M_t (eq. 12) statistics a calibration is made of
+CALIBRATION_FIELDS = (
+    "w",
+    "steps",
+    "stride",
+    "mode",
+    "unguided",
+    "map_channels",
+    "clip_x0",
+    "clip_denoised",
+    "gap",
+    "cosine_steps",
+    "cosine_weighting",
+)
+#: the value of a setting absent from stored settings: what the code did before the setting existed
+STORED_DEFAULTS = {"clip_denoised": False, "cosine_weighting": "uniform"}
 
 
 @dataclass
@@ -130,6 +181,9 @@ class Calibration:
     #: the slice) it still selects the same share of brain rather than background zeros.
     brain_fraction: float | None = None
     extra: dict = field(default_factory=dict)
+    #: the forward-process settings the threshold and M_max were calibrated with
+    #: (:meth:`FPDMSettings.calibration_dict`); None for calibrations stored before this field existed
+    settings: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -180,11 +234,55 @@ def channel_indices(model_modalities: list[str], names: str | list[str]) -> tupl
     return tuple(model_modalities.index(m) for m in wanted)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two [N, K] arrays (eq. 18)."""
+def cosine_weights(steps: np.ndarray, horizon: int, rule: str = "trapezoid") -> np.ndarray:
+    """Quadrature weights [K] for eq. 18's sums over the unit steps 0 … horizon − 1, from the visited
+    ``steps`` [K] (increasing, all < ``horizon``). Each weight is the number of unit steps its visited
+    step stands for; the weights sum to ``horizon − steps[0]``, and on the stride-1 grid they are all 1.
+
+    ``"trapezoid"``: the trapezoid rule on the visited grid plus ½ at each end (Euler–Maclaurin's
+    first correction, which turns an integral into a sum over unit steps), with the unit steps past the
+    last visited one given to it. ``"left"``: left Riemann sum, each visited step standing for the
+    steps up to the next. Trapezoid is second-order in the stride for smooth sequences, left first-order.
+    """
+    t = np.asarray(steps, np.float64)
+    k = len(t)
+    if k == 0:
+        return np.zeros(0)
+    if rule == "trapezoid":
+        wts = np.zeros(k)
+        gaps = np.diff(t)
+        wts[:-1] += gaps / 2
+        wts[1:] += gaps / 2
+        wts[0] += 0.5
+        wts[-1] += 0.5 + (horizon - 1 - t[-1])
+        return wts
+    if rule == "left":
+        return np.append(np.diff(t), horizon - t[-1])
+    raise ValueError(f"rule must be 'trapezoid' or 'left', not {rule!r}")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise cosine similarity of two [N, K] arrays (eq. 18); with ``weights`` [K] the weighted
+    form Σ w_k a_k b_k / √(Σ w_k a_k² · Σ w_k b_k²)."""
+    if weights is not None:
+        root = np.sqrt(np.asarray(weights, np.float64)).astype(a.dtype)  # unit weights change nothing
+        a, b = a * root, b * root
     num = (a * b).sum(1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.divide(num, den, out=np.ones_like(num), where=den > 0)
+
+
+def sequence_cosine(mse_h: np.ndarray, mse_u: np.ndarray, settings: FPDMSettings) -> np.ndarray:
+    """Eq. 18 for the [N, K] MSE sequences at ``settings.visited``: over the visited steps before the
+    horizon, weighted as ``settings.cosine_weighting`` says (NaN, a step a slice did not run, counts 0).
+    Returns [N]."""
+    hz = settings.visited < settings.horizon
+    a = np.nan_to_num(np.asarray(mse_h)[:, hz])
+    b = np.nan_to_num(np.asarray(mse_u)[:, hz])
+    weights = None
+    if settings.cosine_weighting == "spacing":
+        weights = cosine_weights(settings.visited[hz], settings.horizon)
+    return _cosine(a, b, weights)
 
 
 @torch.no_grad()
@@ -264,11 +362,10 @@ def forward_process_multi(
             )
     finally:
         model.train(was_training)
-    horizon = settings.visited < settings.horizon
     fg = (x0[:, chans] > -0.95).any(1).cpu().numpy()
     results = {}
     for w, out in zip(ws, outs, strict=True):
-        cos = _cosine(np.nan_to_num(out["mse_h"][:, horizon]), np.nan_to_num(out["mse_u"][:, horizon]))
+        cos = sequence_cosine(out["mse_h"], out["mse_u"], settings)
         results[w] = ForwardResult(
             steps=settings.visited, cosine=cos.astype(np.float32), network_calls=calls, foreground=fg, **out
         )
@@ -322,12 +419,16 @@ def _run_batch(
         calls += 1
         eps_h, eps_n = eps[:m], eps[m:]
         ugp = predict_x0(x_t, tt, eps_n if st.unguided == "null" else eps_h, abar)  # eq. 10 / reference code
+        if st.clip_denoised:
+            ugp = ugp.clamp(-1, 1)  # reference code: process_xstart → clamp(-1, 1)
         ug, xg = ugp[:, c_idx], xa[:, c_idx]
         mse_u = ((ug - xg) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
         count[active] += 1
         rows_np = (active + sl.start).cpu().numpy()
         for wi, w in enumerate(ws):
             hgp = predict_x0(x_t, tt, (1 + w) * eps_h - w * eps_n, abar)  # eqs. 6-7
+            if st.clip_denoised:
+                hgp = hgp.clamp(-1, 1)
             hg = hgp[:, c_idx]
             m_t = ((hg - ug) ** 2).mean(dim=(-2, -1))  # eq. 12, per channel
             s_t = (hg - xg) ** 2  # eq. 19
@@ -352,8 +453,7 @@ def _run_batch(
         if st.early_stop and t + st.stride >= st.horizon:
             keep = torch.ones(m, dtype=torch.bool, device=dev)
             if cos_threshold is not None and t < st.horizon <= t + st.stride:
-                hz = visited < st.horizon
-                cos = _cosine(outs[0]["mse_h"][rows_np][:, hz], outs[0]["mse_u"][rows_np][:, hz])
+                cos = sequence_cosine(outs[0]["mse_h"][rows_np], outs[0]["mse_u"][rows_np], st)
                 keep &= torch.as_tensor(cos <= cos_threshold, device=dev)  # healthy slices stop here
             past = (int(t) - t_e[0, active] >= st.patience) & (m_t < st.drop * m_best[0, active])
             keep &= ~past.all(dim=1)
@@ -491,6 +591,85 @@ def select_guidance(
     best = max(v["accuracy"] for v in table.values())
     w_star = max(w for w, v in table.items() if v["accuracy"] >= tolerance * best)
     return w_star, table
+
+
+def extend_guidance_grid(
+    table: dict[float, dict[str, float]], factor: float = 1.5, cap: float = 40.0, per_round: int = 2
+) -> list[float] | None:
+    """Next guidance candidates when the grid search of :func:`select_guidance` ran off its top end.
+
+    ``table``: w → {"accuracy": ...} (as :func:`select_guidance` returns). When the largest candidate
+    holds the best accuracy and is above the one before it (accuracy still rising at the edge, so a
+    larger w may do better), returns up to ``per_round`` new candidates, each ``factor`` × the last
+    (1 after w = 0), capped at ``cap``; otherwise (the best is inside the grid, the accuracy stopped
+    rising, or the cap is reached) None. The paper chose w = 2 for BraTS but w = 30 for ATLAS, hence a
+    cap above 30. M_t grows as (1 + w)² (eq. 13), so M_max is taken at the w finally chosen.
+    """
+    ws = sorted(float(w) for w in table)
+    acc = [float(table[w]["accuracy"]) for w in ws]
+    top = ws[-1]
+    if top >= cap or acc[-1] < max(acc) or (len(ws) > 1 and acc[-1] <= acc[-2]):
+        return None
+    out: list[float] = []
+    w = top
+    for _ in range(per_round):
+        w = min(w * factor if w > 0 else 1.0, cap)
+        out.append(w)
+        if w >= cap:
+            break
+    return out
+
+
+def calibration_mismatches(settings: FPDMSettings, cal: Calibration, calibrated_stride: int | None = None) -> list[str]:
+    """One sentence per forward-process setting in ``settings`` that differs from the one ``cal`` was
+    calibrated with (:data:`CALIBRATION_FIELDS`); an empty list when all agree.
+
+    Calibrations stored before :attr:`Calibration.settings` existed know only their w and, where a
+    bundle recorded it, ``calibrated_stride``; only these are compared then.
+    """
+    known = dict(cal.settings) if cal.settings is not None else {}
+    known.setdefault("w", cal.w)
+    if cal.settings is None and calibrated_stride is not None:
+        known["stride"] = int(calibrated_stride)
+    now = settings.calibration_dict()
+
+    def norm(name: str, d: dict):
+        v = d.get(name)
+        if name == "cosine_steps":  # None = every step: compare the horizon itself
+            steps = d.get("steps", settings.steps)
+            return steps if v is None else min(int(v), int(steps))
+        if name == "map_channels":
+            return None if v is None else [int(c) for c in v]
+        if name == "w":
+            return float(v)
+        return v
+
+    labels = {
+        "w": "guidance w",
+        "steps": "forward steps",
+        "stride": "stride",
+        "mode": "mode",
+        "unguided": "unguided prediction",
+        "map_channels": "map channels",
+        "clip_x0": "clip_x0 (x̃_0 clamp in the DDIM inversion)",
+        "clip_denoised": "clip_denoised (clamp of the predictions)",
+        "gap": "gap",
+        "cosine_steps": "cosine horizon",
+        "cosine_weighting": "cosine weighting",
+    }
+    out = []
+    for name in CALIBRATION_FIELDS:
+        if name not in known:
+            continue
+        a, b = norm(name, now), norm(name, {**known, "steps": known.get("steps", settings.steps)})
+        if a != b:
+            what = "cosine threshold" if name in ("cosine_steps", "cosine_weighting") else "cosine threshold and M_max"
+            fmt = (lambda v: f"{v:g}") if name == "w" else str
+            out.append(
+                f"AnoFPDM {labels[name]} {fmt(a)} differs from the {labels[name]} {fmt(b)} the bundle was "
+                f"calibrated with; its {what} may not hold"
+            )
+    return out
 
 
 def m_max_from(result: ForwardResult, labels: np.ndarray | None = None) -> list[float]:

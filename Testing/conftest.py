@@ -71,7 +71,9 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
     if "fpdm" in methods:
         unet = UNet(unet_config("tiny", in_channels=2, image_size=32))
         settings = FPDMSettings(w=2.0, steps=40, stride=10, batch_size=8)
-        cal = Calibration(w=2.0, cos_threshold=0.5, m_max=[0.1, 0.1], min_component=0)
+        cal = Calibration(
+            w=2.0, cos_threshold=0.5, m_max=[0.1, 0.1], min_component=0, settings=settings.calibration_dict()
+        )
         manifest["fpdm"], files = fpdm_section(unet, Schedule(), settings, cal)
         weights.update(files)
     if "dode" in methods:

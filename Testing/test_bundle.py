@@ -175,3 +175,25 @@ def test_not_a_bundle(tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(bad)
+
+
+def test_bundles_older_than_the_clamp_and_cosine_weighting_keep_their_behaviour(tmp_path, tiny):
+    """A bundle written before clip_denoised / cosine_weighting / Calibration.settings existed was
+    calibrated without the clamp and with uniform cosine weights: it is read that way, not with
+    today's defaults. A new bundle stores all three."""
+    from AnomalyDiffusionLib.fpdm import calibration_mismatches
+
+    def strip(m):
+        del m["fpdm"]["settings"]["clip_denoised"], m["fpdm"]["settings"]["cosine_weighting"]
+        del m["fpdm"]["calibration"]["settings"]
+
+    _, _, st, cal = open_bundle(_edit_manifest(tiny, tmp_path / "old", strip)).fpdm()
+    assert st.clip_denoised is False and st.cosine_weighting == "uniform" and cal.settings is None
+    _, _, st, cal = open_bundle(tiny).fpdm()
+    assert st.clip_denoised is True and st.cosine_weighting == "spacing"
+    assert cal.settings == st.calibration_dict()
+    # the shipped bundle predates them: old behaviour, and its own settings match what it knows
+    shipped = open_bundle()
+    _, _, st, cal = shipped.fpdm()
+    assert st.clip_denoised is False and st.cosine_weighting == "uniform" and cal.settings is None
+    assert calibration_mismatches(st, cal, shipped.manifest["fpdm"].get("calibrated_stride")) == []

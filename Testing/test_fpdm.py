@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,12 +15,16 @@ from AnomalyDiffusionLib.fpdm import (
     Calibration,
     FPDMSettings,
     best_cosine_threshold,
+    calibration_mismatches,
+    cosine_weights,
+    extend_guidance_grid,
     forward_process,
     forward_process_multi,
     quantile_level,
     remove_small_components,
     segment,
     select_guidance,
+    sequence_cosine,
 )
 
 
@@ -67,7 +73,7 @@ def test_point_mass_model_gives_hand_derived_hgp_ugp_and_m(means, mode):
     w = 1.5
     model = GaussianEps(mu_h, mu_null, sigma=0.0)
     x0 = (mu_null + 0.05 * torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1)))[None].repeat(3, 1, 1, 1)
-    st = FPDMSettings(w=w, steps=40, stride=4, mode=mode, clip_x0=False)
+    st = FPDMSettings(w=w, steps=40, stride=4, mode=mode, clip_x0=False, clip_denoised=False)
     r = forward_process(model, x0, st)
     hgp = (1 + w) * mu_h - w * mu_null
     m_expected = ((1 + w) ** 2 * ((mu_h - mu_null) ** 2).mean(dim=(-2, -1))).numpy()
@@ -90,7 +96,7 @@ def test_gaussian_model_m_t_closed_form(means, mode, unguided):
     w, sigma = 2.0, 0.5
     model = GaussianEps(mu_h, mu_null, sigma=sigma)
     x0 = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    st = FPDMSettings(w=w, steps=600, stride=50, mode=mode, unguided=unguided, clip_x0=False)
+    st = FPDMSettings(w=w, steps=600, stride=50, mode=mode, unguided=unguided, clip_x0=False, clip_denoised=False)
     r = forward_process(model, x0, st)
     a = Schedule().alphas_cumprod[st.visited]
     c = (1 + w) if unguided == "null" else w
@@ -101,17 +107,19 @@ def test_gaussian_model_m_t_closed_form(means, mode, unguided):
 
 
 def test_ddim_m_t_scales_with_one_plus_w_squared_and_code_form_w0_is_zero():
-    """DDIM trajectory is driven by ε_∅ alone, so M_t(w) = (1 + w)² M_t(0) exactly (eq. 13), for any
-    network; in the reference-code form, w = 0 makes HGP = UGP and M_t = 0."""
+    """DDIM trajectory is driven by ε_∅ alone, so M_t(w) = (1 + w)² M_t(0) exactly (eq. 13, without
+    the clamp of the predictions), for any network; in the reference-code form, w = 0 makes HGP = UGP
+    and M_t = 0."""
     torch.manual_seed(0)
     model = UNet(unet_config("tiny"))
     for p in model.parameters():
         p.data += 0.02 * torch.randn_like(p)  # zero-initialised output layers would give ε ≡ 0
     x0 = torch.rand(3, 2, 32, 32) * 2 - 1
-    base = FPDMSettings(w=0.0, steps=200, stride=20)
+    kw = {"steps": 200, "stride": 20, "clip_denoised": False}
+    base = FPDMSettings(w=0.0, **kw)
     r0 = forward_process(model, x0, base)
     for w in (0.5, 3.0):
-        rw = forward_process(model, x0, FPDMSettings(w=w, steps=200, stride=20))
+        rw = forward_process(model, x0, FPDMSettings(w=w, **kw))
         assert np.allclose(rw.m, (1 + w) ** 2 * r0.m, rtol=1e-4, atol=1e-9)
         assert np.allclose(rw.mse_u, r0.mse_u, rtol=1e-6)  # same trajectory and UGP
     multi = forward_process_multi(model, x0, FPDMSettings(steps=200, stride=20), [0.0, 0.5, 3.0])
@@ -353,3 +361,198 @@ def test_extrapolated_gap_follows_the_stride_1_trajectory():
     assert err_ext < err_jump / 10  # measured: 22×
     with pytest.raises(ValueError, match="gap"):
         FPDMSettings(gap="euler")
+
+
+# --------------------------------------------------------------- clamp of the predictions (issue 19.6)
+@pytest.mark.parametrize("mode", ["ddim", "ddpm"])
+def test_clip_denoised_clamps_both_predictions_before_m_s_and_the_mses(mode):
+    """Point mass (σ = 0): x̃_0 = μ exactly, so HGP = (1+w)μ_h − wμ_∅ and UGP = μ_∅ by hand. With w = 1
+    on a 4×4 slice, x_0 = 0: 4 pixels μ_h = 0.9, μ_∅ = 0.3 (HGP 1.5 → 1), 4 pixels μ_h = 0.4,
+    μ_∅ = 1.6 (UGP 1.6 → 1, HGP −0.8), 8 pixels μ_h = μ_∅ = 0.2. Clamped: M_t = (4·0.7² + 4·1.8²)/16
+    = 0.9325, MSEʰ = (4·1 + 4·0.64 + 8·0.04)/16 = 0.43, MSE^∅ = (4·0.09 + 4·1 + 8·0.04)/16 = 0.2925.
+    Unclamped (the paper's eqs.): M_t = (1+w)²·mean((μ_h − μ_∅)²) = 1.8, MSEʰ = 0.7425, MSE^∅ = 0.6825."""
+    mu_h = torch.full((1, 4, 4), 0.2)
+    mu_null = mu_h.clone()
+    mu_h[0, 0], mu_null[0, 0] = 0.9, 0.3
+    mu_h[0, 1], mu_null[0, 1] = 0.4, 1.6
+    model = GaussianEps(mu_h, mu_null, sigma=0.0, size=4)
+    x0 = torch.zeros(2, 1, 4, 4)
+    hgp = 2 * mu_h - mu_null
+    for clip, m, mse_h, mse_u in ((True, 0.9325, 0.43, 0.2925), (False, 1.8, 0.7425, 0.6825)):
+        r = forward_process(model, x0, FPDMSettings(w=1.0, steps=30, stride=5, mode=mode, clip_denoised=clip))
+        assert np.allclose(r.m, m, rtol=1e-5)
+        assert np.allclose(r.mse_h, mse_h, rtol=1e-5) and np.allclose(r.mse_u, mse_u, rtol=1e-5)
+        s_expected = ((hgp.clamp(-1, 1) if clip else hgp) ** 2).numpy()  # eq. 19 with x_0 = 0
+        assert np.allclose(r.h, s_expected[None], rtol=1e-5, atol=1e-6)
+        assert np.allclose(r.s_te, s_expected[None], rtol=1e-5, atol=1e-6)
+
+
+def test_stored_settings_without_the_new_fields_keep_their_old_behaviour():
+    """Settings stored before clip_denoised / cosine_weighting existed were calibrated without the
+    clamp and with uniform weights; new settings keep what they store."""
+    old = FPDMSettings().as_dict()
+    del old["clip_denoised"], old["cosine_weighting"]
+    back = FPDMSettings.from_dict(old)
+    assert back.clip_denoised is False and back.cosine_weighting == "uniform"
+    assert FPDMSettings().clip_denoised is True and FPDMSettings().cosine_weighting == "spacing"
+    assert FPDMSettings.from_dict(FPDMSettings().as_dict()) == FPDMSettings()
+    with pytest.raises(ValueError, match="cosine_weighting"):
+        FPDMSettings(cosine_weighting="trapezoid")
+
+
+# ------------------------------------------------------------------ eq. 18 weights (issue 19.8)
+def test_cosine_weights_hand_cases():
+    """Visited 0, 4, 8, 9 of 10 steps: trapezoid gaps 4, 4, 1 → (2, 2+2, 2+½, ½) plus ½ at each end
+    = (2.5, 4, 2.5, 1); left Riemann (4, 4, 1, 1). Both sum to the 10 unit steps; stride 1 → all 1.
+    A horizon past the last visited step (8 of horizon 10) gives it the unit steps 9 and 10 − 1."""
+    v = FPDMSettings(steps=10, stride=4).visited
+    np.testing.assert_allclose(cosine_weights(v, 10), [2.5, 4, 2.5, 1])
+    np.testing.assert_allclose(cosine_weights(v, 10, "left"), [4, 4, 1, 1])
+    np.testing.assert_array_equal(cosine_weights(np.arange(600), 600), np.ones(600))
+    np.testing.assert_array_equal(cosine_weights(np.arange(600), 600, "left"), np.ones(600))
+    np.testing.assert_allclose(cosine_weights(np.array([0, 4, 8]), 10), [2.5, 4, 3.5])
+    assert cosine_weights(FPDMSettings(steps=600, stride=30).visited, 600).sum() == 600
+    assert len(cosine_weights(np.array([], int), 0)) == 0
+    # the weighted cosine by hand: a = (1, 0), b = (1, 1), weights (3, 1) → 3 / √(3 · 4) = √3/2
+    st = FPDMSettings(steps=2, stride=1, cosine_steps=2)
+    assert sequence_cosine(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]), st)[0] == pytest.approx(2**-0.5)
+    from AnomalyDiffusionLib.fpdm import _cosine
+
+    assert _cosine(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]), np.array([3.0, 1.0]))[0] == pytest.approx(3**0.5 / 2)
+
+
+def _smooth_mse(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 600] MSE sequences that are smooth functions of the step: MSE^∅ rising as a power of t, MSEʰ
+    the same plus a Gaussian bump of random place, width and height (an anomaly's signature)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(600.0)
+    mse_u = 0.02 + rng.uniform(0.2, 1.0, (n, 1)) * (t / 600) ** rng.uniform(1.5, 3, (n, 1))
+    bump = np.exp(-(((t - rng.uniform(100, 550, (n, 1))) / rng.uniform(40, 200, (n, 1))) ** 2))
+    return mse_u + rng.uniform(0, 0.3, (n, 1)) * bump, mse_u
+
+
+def test_spacing_weights_make_strided_cosines_approximate_stride_1_on_smooth_sequences():
+    """Eq. 18 sums over all 600 steps. On smooth sequences sampled at stride 10 and 30, weighting each
+    visited step by the steps it stands for (trapezoid) is much closer to the stride-1 cosine than
+    weighting them alike (measured max |error| over 100 sequences: stride 10 4.4e-3 → 6.8e-5, stride 30
+    1.2e-2 → 6.1e-4; left Riemann weights are hardly better than uniform, 3.6e-3 and 1.2e-2). At
+    stride 1 the two weightings agree exactly."""
+    mse_h, mse_u = _smooth_mse(100)
+    full = FPDMSettings(steps=600, stride=1)
+    ref = sequence_cosine(mse_h, mse_u, full)
+    np.testing.assert_array_equal(
+        ref, sequence_cosine(mse_h, mse_u, dataclasses.replace(full, cosine_weighting="uniform"))
+    )
+    assert ref.min() < 0.9 and ref.max() > 0.9999  # the sequences span the range the classifier sees
+    for stride, ratio in ((10, 20), (30, 8)):
+        st = FPDMSettings(steps=600, stride=stride)
+        v = st.visited
+        err = {
+            wt: np.abs(
+                sequence_cosine(mse_h[:, v], mse_u[:, v], dataclasses.replace(st, cosine_weighting=wt)) - ref
+            ).max()
+            for wt in ("uniform", "spacing")
+        }
+        assert err["spacing"] * ratio < err["uniform"], (stride, err)
+
+
+def test_spacing_weights_through_the_forward_process_on_a_gaussian_model():
+    """The same through :func:`forward_process` on the exact-ε Gaussian model (class signal peaking at
+    step 250), DDIM with the stride-1-following gap ("extrapolate"): the weighted strided cosine is
+    closer to the stride-1 one (measured max |error| over 16 slices: stride 10 3.0e-3 → 6.2e-4,
+    stride 30 6.1e-3 → 5.2e-3). With one eq. 4 jump per gap the strided trajectory itself departs
+    from stride 1 and that error dominates (stride 10: 5.5e-3 uniform, 7.7e-3 weighted). At stride 1
+    the weightings agree exactly."""
+    g = torch.Generator().manual_seed(0)
+    mu_h = torch.rand(2, 8, 8, generator=g) * 0.6 - 0.5
+    mu_null = mu_h.clone()
+    mu_null[:, 2:5, 3:6] += 0.8
+    model = GaussianEps(mu_h, mu_null, sigma=0.3, gain=lambda t: torch.exp(-(((t.float() - 250.0) / 150.0) ** 2)))
+    x0 = (mu_h[None] + 0.3 * torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    x0[:8] = (mu_null[None] + 0.3 * torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(4))).clamp(-1, 1)
+    base = FPDMSettings(w=2, steps=600, stride=1)
+    r1 = forward_process(model, x0, base)
+    uniform1 = sequence_cosine(r1.mse_h, r1.mse_u, dataclasses.replace(base, cosine_weighting="uniform"))
+    np.testing.assert_array_equal(r1.cosine, uniform1.astype(np.float32))
+    for stride in (10, 30):
+        st = dataclasses.replace(base, stride=stride, gap="extrapolate")
+        r = forward_process(model, x0, st)
+        err = {
+            wt: np.abs(
+                sequence_cosine(r.mse_h, r.mse_u, dataclasses.replace(st, cosine_weighting=wt)) - r1.cosine
+            ).max()
+            for wt in ("uniform", "spacing")
+        }
+        assert err["spacing"] < err["uniform"], (stride, err)
+        assert np.abs(r.cosine - r1.cosine).max() == pytest.approx(err["spacing"], rel=1e-5)  # the default
+
+
+def test_early_stop_decides_with_the_configured_cosine(means):
+    """Early stop lets slices the cosine calls healthy leave at the horizon. Threshold 0.9 lies between
+    the weighted (≈ 0.896) and uniform (≈ 0.910) cosines of slices 0-3: with weighted cosines they
+    stay, with uniform ones they leave after the 10 visited steps before the horizon 300."""
+    mu_h, mu_null = means
+    model = GaussianEps(mu_h, mu_null, sigma=0.3, gain=lambda t: torch.exp(-(((t.float() - 200.0) / 80.0) ** 2)))
+    x0 = mu_null[None].repeat(8, 1, 1, 1) + 0.1 * torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    x0[4:] = mu_h[None] + 0.1 * torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    st = FPDMSettings(w=2, steps=600, stride=30, cosine_steps=300, early_stop=True, patience=200)
+    for wt, leave in (("spacing", False), ("uniform", True)):
+        s = dataclasses.replace(st, cosine_weighting=wt)
+        full = forward_process(model, x0, dataclasses.replace(s, early_stop=False))
+        assert ((full.cosine[:4] > 0.9) == leave).all() and (full.cosine[4:] < 0.9).all()
+        r = forward_process(model, x0, s, cos_threshold=0.9)
+        np.testing.assert_allclose(r.cosine, full.cosine)
+        assert ((r.steps_run[:4] == 10) == leave).all() and (r.steps_run[4:] > 10).all()
+
+
+# ------------------------------------------------------- calibration bound to inference (19.7)
+def test_calibration_mismatches_hand_cases():
+    st = FPDMSettings(w=2.0, steps=600, stride=30, map_channels=(0, 1))
+    cal = Calibration(w=2.0, cos_threshold=0.9, m_max=[1.0, 1.0], settings=st.calibration_dict())
+    assert calibration_mismatches(st, cal) == []
+    assert calibration_mismatches(dataclasses.replace(st, batch_size=4, early_stop=True), cal) == []  # no effect
+    assert calibration_mismatches(dataclasses.replace(st, stride=10), cal) == [
+        "AnoFPDM stride 10 differs from the stride 30 the bundle was calibrated with; its cosine threshold and "
+        "M_max may not hold"
+    ]
+    two = calibration_mismatches(dataclasses.replace(st, w=3.0, clip_denoised=False), cal)
+    assert len(two) == 2 and two[0].startswith("AnoFPDM guidance w 3 differs from the guidance w 2 ")
+    assert "clip_denoised (clamp of the predictions) False differs" in two[1]
+    (cw,) = calibration_mismatches(dataclasses.replace(st, cosine_weighting="uniform"), cal)
+    assert cw.endswith("its cosine threshold may not hold")  # M_max does not depend on it
+    # the cosine horizon is compared as a horizon: None means all steps
+    assert calibration_mismatches(dataclasses.replace(st, cosine_steps=600), cal) == []
+    (hz,) = calibration_mismatches(dataclasses.replace(st, cosine_steps=300), cal)
+    assert "cosine horizon 300 differs from the cosine horizon 600" in hz
+    assert "map channels [0] differs" in calibration_mismatches(dataclasses.replace(st, map_channels=(0,)), cal)[0]
+    # old calibrations know their w and, from a bundle's manifest, the stride only
+    old = Calibration(w=2.0, cos_threshold=0.9, m_max=[1.0, 1.0])
+    other = dataclasses.replace(st, stride=1, mode="ddpm", clip_denoised=False)
+    assert calibration_mismatches(other, old) == []
+    assert len(calibration_mismatches(other, old, calibrated_stride=30)) == 1
+    assert "guidance w 5 differs from the guidance w 2" in calibration_mismatches(dataclasses.replace(st, w=5), old)[0]
+
+
+# ------------------------------------------------------------------ w grid extension (19.9)
+def test_extend_guidance_grid_hand_cases():
+    def table(accs: dict[float, float]) -> dict:
+        return {w: {"accuracy": a, "threshold": 0.0} for w, a in accs.items()}
+
+    # best at the top and still rising: 1.5× the last, two per round
+    assert extend_guidance_grid(table({0: 0.7, 2: 0.8, 5: 0.85})) == [7.5, 11.25]
+    assert extend_guidance_grid(table({5: 0.85, 7.5: 0.86, 11.25: 0.87})) == [16.875, 25.3125]
+    assert extend_guidance_grid(table({25.3125: 0.8, 30: 0.9}), cap=40) == [40.0]  # 45 capped
+    assert extend_guidance_grid(table({30: 0.8, 40: 0.9}), cap=40) is None  # at the cap
+    assert extend_guidance_grid(table({0: 0.5})) == [1.0, 1.5]  # after w = 0: 1, then 1.5×
+    # the best inside the grid, or a plateau at the top: no extension
+    assert extend_guidance_grid(table({0: 0.7, 2: 0.9, 5: 0.85})) is None
+    assert extend_guidance_grid(table({0: 0.7, 2: 0.9, 5: 0.9})) is None
+    # the rule stays select_guidance's: after an extension w* is the largest within 99 % of the best
+    labels = np.array([1] * 100 + [0] * 100)
+    cos = {w: np.where(labels == 1, 0.1, 0.9) for w in (0.0, 2.0, 5.0, 7.5, 11.25)}
+    for w, wrong in ((0.0, 40), (2.0, 20), (5.0, 10), (7.5, 4), (11.25, 5)):
+        cos[w][:wrong] = 0.95
+    w_star, tab = select_guidance({w: cos[w] for w in (0.0, 2.0, 5.0)}, labels)
+    assert w_star == 5.0 and extend_guidance_grid(tab) == [7.5, 11.25]
+    w_star, tab = select_guidance(cos, labels)
+    assert w_star == 11.25 and extend_guidance_grid(tab) is None  # 0.975 ≥ 0.99 · 0.98; 7.5 is the best

@@ -119,6 +119,7 @@ def _cmd_demo(args: argparse.Namespace, progress) -> int:
     summary = _atomic_folder(
         out, lambda tmp: run_demo(tmp, seed=args.seed, bundle=args.bundle, device=args.device, progress=progress)
     )
+    _print_warnings(summary)
     d = summary["demo"]
     print(
         json.dumps(
@@ -192,6 +193,7 @@ def _cmd_detect(args: argparse.Namespace, progress) -> int:
         return result.summary
 
     summary = _atomic_folder(out, work)
+    _print_warnings(summary)
     most = summary["most_anomalous_slice"] or {}
     print(
         f"{summary['verdict']}; lesion volume {summary['lesion_volume_ml']} mL; most anomalous slice "
@@ -199,6 +201,23 @@ def _cmd_detect(args: argparse.Namespace, progress) -> int:
     )
     print(f"outputs in {out}: {', '.join(summary['outputs'].values())}")
     return 0
+
+
+def _print_warnings(summary: dict) -> None:
+    """``summary["warnings"]`` (e.g. settings that differ from the bundle's calibration), one
+    ``warning: ...`` line each on stderr."""
+    for msg in summary.get("warnings", []):
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+class _NotInSummary(logging.Filter):
+    """Drops log records the pipeline also puts in ``summary["warnings"]``: the CLI prints those as
+    ``warning: ...`` lines itself, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .pipeline import SUMMARY_WARNING
+
+        return not getattr(record, SUMMARY_WARNING, False)
 
 
 def _cmd_bundle(args: argparse.Namespace, progress) -> int:
@@ -391,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_NotInSummary())
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     sink = {"bar": TqdmProgress, "jsonl": JsonlProgress}.get(args.progress)
     _cancel_on_sigterm()

@@ -11,6 +11,11 @@ Shortcuts (for CPU budgets) are explicit and reported in ``summary["shortcuts"]`
 early stop after the M_t peak, and ``gate="dode"`` (run AnoFPDM only on slices whose AnoDODE score is
 at or above the bundle's decision threshold, plus their axial neighbours). ``faithful=True`` undoes
 all of them (every step, no early stop, no gate).
+
+``summary["warnings"]`` (always present, empty when all is well) lists, one sentence each, the
+AnoFPDM settings of this run that differ from those the bundle's cosine threshold and M_max were
+calibrated with (:func:`~AnomalyDiffusionLib.fpdm.calibration_mismatches`), e.g. ``--faithful`` or
+``--stride`` on a bundle calibrated at a stride; each is also logged as a warning.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: a slice is analysed when its brain area is at least this fraction of the largest slice's
 MIN_BRAIN_FRACTION = 0.05
+#: log records carrying this attribute are also in ``summary["warnings"]`` (the CLI prints those itself)
+SUMMARY_WARNING = "summary_warning"
 
 
 @dataclass
@@ -178,6 +185,7 @@ def detect(
     timings["reading"] = time.perf_counter() - t
     report(progress, "reading", 1.0, f"{len(idx)} brain slices")
     shortcuts: list[str] = []
+    warnings: list[str] = []
     summary_methods: dict = {}
     heat_model = None
     masks_model = None
@@ -251,17 +259,15 @@ def detect(
     # ---- AnoFPDM: forward process, classification, masks
     if "fpdm" in methods:
         t = time.perf_counter()
-        from .fpdm import forward_process, segment
+        from .fpdm import calibration_mismatches, forward_process, segment
 
         unet, schedule, settings, cal = b.fpdm(device)
         for_inference(unet, device)
         st = _fpdm_settings(settings, opt)
-        if opt.w is not None and opt.w != cal.w:
-            log.warning(
-                "guidance w=%g differs from the calibrated w*=%g; cosine threshold and M_max were calibrated for w*",
-                opt.w,
-                cal.w,
-            )
+        # the cosine threshold and M_max hold for the settings they were calibrated with only
+        for msg in calibration_mismatches(st, cal, b.manifest["fpdm"].get("calibrated_stride")):
+            warnings.append(msg)
+            log.warning("%s", msg, extra={SUMMARY_WARNING: True})
         if opt.cos_threshold is not None:
             cal = replace(cal, cos_threshold=float(opt.cos_threshold))
         gate = "none" if opt.faithful else (opt.gate or b.manifest.get("pipeline", {}).get("gate", "none"))
@@ -347,7 +353,9 @@ def detect(
         lesion_ml = float(lab.sum()) * voxel_ml
     timings["outputs"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
-    summary = _summary(b, case, rows, pos, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt)
+    summary = _summary(
+        b, case, rows, pos, methods, summary_methods, shortcuts, warnings, lesion_ml, timings, device, opt
+    )
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,
@@ -400,7 +408,9 @@ def _dode_heatmaps(b: Bundle, model, vol, idx, fit, device, seed, progress, canc
     return out
 
 
-def _summary(b, case, rows, positions, methods, summary_methods, shortcuts, lesion_ml, timings, device, opt) -> dict:
+def _summary(
+    b, case, rows, positions, methods, summary_methods, shortcuts, warnings, lesion_ml, timings, device, opt
+) -> dict:
     area = np.array([r.get("lesion_area_mm2", 0.0) for r in rows])
     score = np.array([r.get("dode_score", np.nan) for r in rows], float)
     if area.any():
@@ -442,6 +452,7 @@ def _summary(b, case, rows, positions, methods, summary_methods, shortcuts, lesi
         "methods": list(methods),
         "method_details": summary_methods,
         "shortcuts": shortcuts,
+        "warnings": warnings,
         "faithful": bool(opt.faithful),
         "pretrained_encoder": bool(d.get("encoder", {}).get("pretrained")) if "dode" in methods else None,
         "bundle": {

@@ -117,21 +117,32 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
     assert run(tmp_path / "m", data, 20) == 0
     model = tmp_path / "m" / "fpdm.safetensors"
     common = ["--model", str(model), "--data", str(root), "--steps", "200", "--stride", "50", "--max-slices", "40"]
+    from AnomalyDiffusionLib.fpdm import FPDMSettings
+
     for mode in ("ddim", "ddpm"):
-        assert calibrate_fpdm.main([*common, "--mode", mode, "--w", "0,1,3", "--threads", "1"]) == 0
+        args = [*common, "--mode", mode, "--w", "0,1,3", "--w-cap", "4", "--threads", "1"]
+        assert calibrate_fpdm.main(args) == 0
         rep = json.loads((tmp_path / "m" / f"calibration_fpdm_{mode}.json").read_text())
         assert rep["validation"]["pixel_labels_used"] is False and rep["validation"]["slices"] == 40
-        assert rep["calibration"]["w"] in (0.0, 1.0, 3.0) and len(rep["calibration"]["m_max"]) == 2
+        assert rep["calibration"]["w"] in (0.0, 1.0, 3.0, 4.0) and len(rep["calibration"]["m_max"]) == 2
         assert rep["settings"]["mode"] == mode and rep["settings"]["w"] == rep["calibration"]["w"]
         assert 0 < rep["calibration"]["brain_fraction"] < 1
+        # the calibration records the settings it was made with, and any extension of the w grid
+        assert rep["calibration"]["settings"] == FPDMSettings.from_dict(rep["settings"]).calibration_dict()
+        assert rep["settings"]["clip_denoised"] is True and rep["settings"]["cosine_weighting"] == "spacing"
+        ext = rep["grid_extension"]
+        assert ext["extended"] == bool(ext["rounds"]) == any(v["round"] for v in rep["table"].values())
+        for i, r in enumerate(ext["rounds"], 1):
+            assert r["added"] == [4.0] and all(rep["table"][str(w)]["round"] == i for w in r["added"])
     # the calibration also becomes a bundle that detect can open
     from AnomalyDiffusionLib.bundle import open_bundle
 
     assert calibrate_fpdm.main([*common, "--w", "0,1", "--threads", "1", "--bundle", str(tmp_path / "bun")]) == 0
     b = open_bundle(tmp_path / "bun")
     assert b.methods == ["fpdm"] and b.manifest["fpdm"]["settings"]["stride"] == 50
-    unet, _, _, cal = b.fpdm()
+    unet, _, st, cal = b.fpdm()
     assert cal.brain_fraction is not None and unet.config.image_size == 32
+    assert cal.settings == st.calibration_dict()  # the bundle carries what its calibration holds for
     assert (
         evaluate_fpdm.main(
             [
@@ -206,3 +217,38 @@ def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
     assert meta["iterations"] == 6
     rows = list(csv.DictReader(open(tmp_path / "ddp" / "loss.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch):
+    """With validation accuracy made to rise with w (w / (w + 1)), the grid 0, 1, 2 extends by 1.5×,
+    two per round, up to the cap 5: rounds [3, 4.5] and [5], one forward pass each; w* = 5 (4.5's
+    0.818 < 0.99 × 0.833), and every round recorded with the reason."""
+    import json
+
+    import calibrate_fpdm
+    from conftest import make_tiny_bundle
+
+    root = tmp_path / "prepared"
+    phantom_dataset(1, seed=50, size=32, healthy_fraction=0.0, options=PhantomOptions(spacing=3.0)).save(root / "val")
+    bundle = make_tiny_bundle(tmp_path / "b", methods=("fpdm",))
+    real = calibrate_fpdm.select_guidance
+
+    def rising(cosines, labels, tolerance=0.99):
+        _, table = real(cosines, labels, tolerance)
+        for w in table:
+            table[w]["accuracy"] = w / (w + 1)
+        best = max(v["accuracy"] for v in table.values())
+        return max(w for w, v in table.items() if v["accuracy"] >= tolerance * best), table
+
+    monkeypatch.setattr(calibrate_fpdm, "select_guidance", rising)
+    args = ["--model", str(bundle), "--data", str(root), "--steps", "20", "--stride", "10", "--max-slices", "8"]
+    assert calibrate_fpdm.main([*args, "--w", "0,1,2", "--w-cap", "5", "--threads", "1", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "calibration_fpdm_ddim.json").read_text())
+    ext = rep["grid_extension"]
+    assert ext["extended"] and [r["added"] for r in ext["rounds"]] == [[3.0, 4.5], [5.0]]
+    assert "largest candidate w = 2" in ext["rounds"][0]["why"] and "w = 4.5" in ext["rounds"][1]["why"]
+    assert {w: v["round"] for w, v in rep["table"].items()} == {
+        "0.0": 0, "1.0": 0, "2.0": 0, "3.0": 1, "4.5": 1, "5.0": 2
+    }  # fmt: skip
+    assert rep["calibration"]["w"] == 5.0 and rep["settings"]["w"] == 5.0 and rep["calibration"]["settings"]["w"] == 5.0
+    assert rep["network_calls"] == 3 * 3  # three passes of the 3 visited steps (0, 10, 19), one batch

@@ -3,7 +3,8 @@
 
 Baseline (as in SoloChe/AnoFPDM): every forward step, four separate network calls on the slice batch
 (DDIM inversion with ∅, guided healthy, guided ∅, "unguided" healthy with w = 0), full trajectories
-[N, T, C, S, S] of the predictions kept in memory and reduced at the end.
+[N, T, C, S, S] of the predictions kept in memory and reduced at the end. Both clamp the predictions
+to [-1, 1] (the reference's clip_denoised) when the calibration did, and neither when it did not.
 Ours: one stacked call per step ([healthy; ∅] in one batch), streaming aggregation, optional early
 stop after the M_t peak, a step stride whose gaps follow the stride-1 inversion (``--gap extrapolate``),
 and, on the CPU, channels-last weights (``devices.for_inference``).
@@ -68,8 +69,12 @@ def reference_procedure(model, x0: torch.Tensor, st: FPDMSettings, device) -> tu
         eps_n = model(x_t, tt, n_lab)  # call 3: guided, null
         eps_u = model(x_t, tt, n_lab)  # call 4: "unguided"
         calls += 3
-        hgps.append(predict_x0(x_t, tt, (1 + st.w) * eps_h - st.w * eps_n, abar)[:, chans])
-        ugps.append(predict_x0(x_t, tt, eps_u, abar)[:, chans])
+        hgp_t = predict_x0(x_t, tt, (1 + st.w) * eps_h - st.w * eps_n, abar)[:, chans]
+        ugp_t = predict_x0(x_t, tt, eps_u, abar)[:, chans]
+        if st.clip_denoised:  # the reference's calc_pred_xstart_loop(clip_denoised=True)
+            hgp_t, ugp_t = hgp_t.clamp(-1, 1), ugp_t.clamp(-1, 1)
+        hgps.append(hgp_t)
+        ugps.append(ugp_t)
         x_prev, t_prev = x_t, int(t)
     hgp = torch.stack(hgps, 1)  # [N, K, C, S, S]
     ugp = torch.stack(ugps, 1)
@@ -144,9 +149,13 @@ def main() -> None:
     order = np.argsort(-np.asarray(ds.labels, dtype=np.int64), kind="stable")[: args.slices]  # unhealthy first
     x, truth = torch.from_numpy(x[order]), np.asarray(ds.masks)[order].astype(bool)
     chans = tuple(rep["settings"]["map_channels"] or range(len(mods)))
-    base_st = FPDMSettings(w=cal.w, steps=args.steps, stride=1, map_channels=chans, batch_size=args.batch_size)
+    clip = FPDMSettings.from_dict(rep["settings"]).clip_denoised  # as calibrated (old calibrations: off)
+    base_st = FPDMSettings(
+        w=cal.w, steps=args.steps, stride=1, map_channels=chans, clip_denoised=clip, batch_size=args.batch_size
+    )
     ours_st = FPDMSettings(
         w=cal.w,
+        clip_denoised=clip,
         steps=args.steps,
         stride=args.stride,
         gap=args.gap,

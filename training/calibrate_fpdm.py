@@ -7,6 +7,13 @@ separates healthy from unhealthy slices. w* = the largest w whose accuracy stays
 best. M_max = the largest M_{t_e} (per channel) over the validation slices labelled unhealthy. No
 pixel labels are read. All candidate w share one forward pass.
 
+When the best accuracy sits at the largest candidate and is still rising there, the grid extends
+itself (fpdm.extend_guidance_grid: 1.5× the last candidate, two per round, up to --w-cap) with one
+more forward pass per round, until the accuracy stops rising at the top or the cap is reached; the
+report's "grid_extension" says which candidates each round added and why. M_t grows as (1 + w)²
+(eq. 13), so M_max is taken from the run at the chosen w*, and inference must use that w (detect
+warns otherwise). The calibration records the settings it was made with ("calibration"."settings").
+
 Writes calibration_fpdm_<mode>.json (settings for inference, the calibration, the table per w) and
 calibration_fpdm_<mode>.png (accuracy vs w, as in Fig. 5a) into --out (default: the model's folder).
 The cosine threshold depends on the encoding, so each mode (ddim, ddpm) is calibrated separately.
@@ -36,6 +43,7 @@ from AnomalyDiffusionLib.fpdm import (
     Calibration,
     FPDMSettings,
     channel_indices,
+    extend_guidance_grid,
     forward_process_multi,
     m_max_from,
     select_guidance,
@@ -63,6 +71,19 @@ def add_forward_args(p: argparse.ArgumentParser) -> None:
         help="DDIM with a stride: one eq. 4 step per gap (default) or the stride-1 unit steps with ε extrapolated",
     )
     p.add_argument("--cosine-steps", type=int, default=None, help="horizon of the cosine sequences (default: --steps)")
+    p.add_argument(
+        "--clip-denoised",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clamp the guided/unguided predictions to [-1, 1] (reference code, default); --no-clip-denoised "
+        "follows the paper's eqs. 7 and 10",
+    )
+    p.add_argument(
+        "--cosine-weighting",
+        choices=("spacing", "uniform"),
+        default="spacing",
+        help="eq. 18 terms weighted by the steps each visited step stands for (default) or all alike",
+    )
     p.add_argument("--map-modalities", default="flair,t2", help="channels used for M_t and maps (default flair,t2)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network batch (default 32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -81,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=1000, help="random subset size (default 1000, as the paper)")
     p.add_argument("--w", default="0,0.5,1,2,3,5", help="candidate guidance strengths (default 0,0.5,1,2,3,5)")
     p.add_argument("--tolerance", type=float, default=0.99, help="w* keeps this fraction of the best accuracy")
+    p.add_argument(
+        "--w-cap",
+        type=float,
+        default=40.0,
+        help="largest w the grid may extend to while accuracy still rises at its top (default 40; 0: no extension)",
+    )
     p.add_argument("--a", type=float, default=0.90, help="lowest quantile of Algorithm 1 (default 0.90)")
     p.add_argument("--b", type=float, default=0.98, help="highest quantile of Algorithm 1 (default 0.98)")
     p.add_argument("--median-size", type=int, default=5, help="median filter size before thresholding (default 5)")
@@ -130,12 +157,27 @@ def calibrate(args) -> dict:
             unguided=args.unguided,
             map_channels=chans,
             cosine_steps=args.cosine_steps,
+            cosine_weighting=args.cosine_weighting,
+            clip_denoised=args.clip_denoised,
             batch_size=args.batch_size,
         )
         t0 = time.perf_counter()
         results = forward_process_multi(model, x, st, ws, seed=args.seed, device=device, progress=progress)
+        w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
+        rounds = {w: 0 for w in results}
+        extension = []
+        while args.w_cap > 0 and (more := extend_guidance_grid(table, cap=args.w_cap)) is not None:
+            top = max(table)
+            below = sorted(table)[-2] if len(table) > 1 else None
+            why = f"the best accuracy {table[top]['accuracy']:.4f} was at the largest candidate w = {top:g}" + (
+                f", above {table[below]['accuracy']:.4f} at w = {below:g}" if below is not None else ""
+            )
+            print(f"extending the w grid by {more}: {why}", file=sys.stderr)
+            results.update(forward_process_multi(model, x, st, more, seed=args.seed, device=device, progress=progress))
+            rounds.update({w: len(extension) + 1 for w in more})
+            extension.append({"added": more, "why": why})
+            w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
         seconds = time.perf_counter() - t0
-    w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
     best = results[w_star]
     cal = Calibration(
         w=w_star,
@@ -149,13 +191,20 @@ def calibrate(args) -> dict:
         brain_fraction=float(best.foreground[labels.astype(bool)].mean()) if labels.any() else None,
     )
     settings = FPDMSettings(**{**st.__dict__, "w": w_star})
+    cal.settings = settings.calibration_dict()  # what the threshold and M_max hold for
     return {
         "method": "fpdm",
         "model": str(args.model),
         "model_iterations": meta.get("iterations"),
         "settings": settings.as_dict(),
         "calibration": cal.as_dict(),
-        "table": {str(w): v for w, v in table.items()},
+        "table": {str(w): {**v, "round": rounds[w]} for w, v in table.items()},
+        "grid_extension": {
+            "extended": bool(extension),
+            "rule": f"while the best accuracy is at the largest w and still rising: 1.5x, two per round, "
+            f"up to w = {args.w_cap:g}",
+            "rounds": extension,
+        },
         "validation": {
             "slices": len(labels),
             "unhealthy": int(labels.sum()),
@@ -163,7 +212,7 @@ def calibrate(args) -> dict:
             "pixel_labels_used": False,
         },
         "seconds": round(seconds, 1),
-        "network_calls": best.network_calls,
+        "network_calls": best.network_calls * (1 + len(extension)),
     }
 
 
@@ -203,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out / f"{name}.json")
     plot(report, out / f"{name}.png")
     for w, v in report["table"].items():
-        print(f"w = {float(w):5.2f}: accuracy {v['accuracy']:.3f} at cosine threshold {v['threshold']:.5f}")
+        added = f" (grid extension round {v['round']})" if v["round"] else ""
+        print(f"w = {float(w):5.2f}: accuracy {v['accuracy']:.3f} at cosine threshold {v['threshold']:.5f}{added}")
     c = report["calibration"]
     print(
         f"w* = {c['w']:g}, cosine threshold {c['cos_threshold']:.5f}, M_max {[f'{m:.3g}' for m in c['m_max']]}; "

@@ -302,7 +302,15 @@ class Bundle:
             load_weights(net, self.tensors(sn["weights"]), what=f"'{sn['weights']}' in bundle '{self.name}'")
             nets.append(net.to(device).eval())
             stds.append(Standardiser(np.asarray(sn["feature_mean"]), np.asarray(sn["feature_std"])))
-        return DODEModel(encoder=encoder, spec=spec, scales=scales, nets=nets, standardisers=stds)
+        size = d.get("slice_size")
+        return DODEModel(
+            encoder=encoder,
+            spec=spec,
+            scales=scales,
+            nets=nets,
+            standardisers=stds,
+            slice_size=None if size is None else int(size),
+        )
 
     def decoder(self, device: str | torch.device = "cpu"):
         """``(decoder, scale, settings)`` of the AnoDODE localisation decoder, or None if absent."""

@@ -168,6 +168,7 @@ def _detect_options(args: argparse.Namespace):
         dode_threshold=args.dode_threshold,
         dode_scales=scales,
         dode_rtol=args.dode_tol,
+        dode_probes=args.dode_probes,
         faithful=args.faithful,
         slice_range=parse_slice_range(args.slices),
         seed=args.seed,
@@ -372,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--dode-threshold", type=float, help="AnoDODE decision threshold in bpd (default: calibrated)")
     det.add_argument("--dode-scales", help="subset of the bundle's AnoDODE input scales, e.g. 128,192")
     det.add_argument("--dode-tol", type=float, help="AnoDODE ODE rtol = atol (default: the bundle's)")
+    det.add_argument(
+        "--dode-probes",
+        type=int,
+        help="Hutchinson probes averaged per slice for the AnoDODE bpd (default: the bundle's; more = less noise)",
+    )
     det.add_argument("--slices", metavar="START:STOP", help="canonical axial slice range (inferior = 0)")
     det.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     det.add_argument("--no-overview", action="store_true", help="skip overview.png")

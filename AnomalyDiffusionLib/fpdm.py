@@ -601,17 +601,17 @@ def extend_guidance_grid(
 ) -> list[float] | None:
     """Next guidance candidates when the grid search of :func:`select_guidance` ran off its top end.
 
-    ``table``: w → {"accuracy": ...} (as :func:`select_guidance` returns). When the largest candidate
-    holds the best accuracy and is above the one before it (accuracy still rising at the edge, so a
-    larger w may do better), returns up to ``per_round`` new candidates, each ``factor`` × the last
-    (1 after w = 0), capped at ``cap``; otherwise (the best is inside the grid, the accuracy stopped
-    rising, or the cap is reached) None. The paper chose w = 2 for BraTS but w = 30 for ATLAS, hence a
+    ``table``: w → {"accuracy": ...} (as :func:`select_guidance` returns). While the largest candidate
+    holds the best accuracy (still rising, or level with the best: the accuracy has not fallen yet, so a
+    larger w may do as well or better), returns up to ``per_round`` new candidates, each ``factor`` ×
+    the last (1 after w = 0), capped at ``cap``; otherwise (the accuracy fell below the best at the top,
+    or the cap is reached) None. The paper chose w = 2 for BraTS but w = 30 for ATLAS, hence a
     cap above 30. M_t grows as (1 + w)² (eq. 13), so M_max is taken at the w finally chosen.
     """
     ws = sorted(float(w) for w in table)
     acc = [float(table[w]["accuracy"]) for w in ws]
     top = ws[-1]
-    if top >= cap or acc[-1] < max(acc) or (len(ws) > 1 and acc[-1] <= acc[-2]):
+    if top >= cap or acc[-1] < max(acc):
         return None
     out: list[float] = []
     w = top

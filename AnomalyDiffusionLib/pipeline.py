@@ -62,6 +62,7 @@ class DetectOptions:
     dode_threshold: float | None = None  #: override the AnoDODE decision threshold (bpd)
     dode_scales: tuple[int, ...] | None = None  #: subset of the bundle's scales
     dode_rtol: float | None = None
+    dode_probes: int | None = None  #: Hutchinson probes averaged per slice (default: the bundle's)
     faithful: bool = False  #: paper settings: stride 1, no early stop, no gate
     slice_range: tuple[int | None, int | None] = (None, None)  #: canonical axial [start, stop)
     seed: int = 0
@@ -213,6 +214,9 @@ def detect(
         lk = d["likelihood"]
         rtol = float(opt.dode_rtol or lk.get("rtol", 1e-5))
         atol = float(opt.dode_rtol or lk.get("atol", 1e-5))
+        n_probes = int(opt.dode_probes or lk.get("probes", 1))
+        if n_probes < 1:
+            raise InputError(f"AnoDODE needs at least one Hutchinson probe per slice, not {n_probes}")
         per_scale = np.zeros((len(idx), len(model.scales)))
         step = 64  # one ODE solve per 64 slices (the batched solver's cost hardly grows with the batch)
         for i in range(0, len(idx), step):
@@ -228,6 +232,7 @@ def detect(
                 method=lk.get("method", "dopri5"),
                 steps=lk.get("steps"),
                 eps=float(lk.get("eps", 1e-5)),
+                n_probes=n_probes,
             )
             report(progress, "dode", min(1.0, (i + step) / len(idx)), "slice likelihoods")
         score = per_scale.mean(1)
@@ -246,6 +251,7 @@ def detect(
             "rtol": rtol,
             "atol": atol,
             "solver": lk.get("method", "dopri5"),
+            "probes": n_probes,
             "slices_flagged": int(dode_flag.sum()),
         }
         method = lk.get("method", "dopri5")

@@ -544,9 +544,10 @@ def test_extend_guidance_grid_hand_cases():
     assert extend_guidance_grid(table({25.3125: 0.8, 30: 0.9}), cap=40) == [40.0]  # 45 capped
     assert extend_guidance_grid(table({30: 0.8, 40: 0.9}), cap=40) is None  # at the cap
     assert extend_guidance_grid(table({0: 0.5})) == [1.0, 1.5]  # after w = 0: 1, then 1.5×
-    # the best inside the grid, or a plateau at the top: no extension
+    # the best inside the grid (the accuracy fell at the top): no extension; a plateau at the top has
+    # not fallen yet, so the grid goes on
     assert extend_guidance_grid(table({0: 0.7, 2: 0.9, 5: 0.85})) is None
-    assert extend_guidance_grid(table({0: 0.7, 2: 0.9, 5: 0.9})) is None
+    assert extend_guidance_grid(table({0: 0.7, 2: 0.9, 5: 0.9})) == [7.5, 11.25]
     # the rule stays select_guidance's: after an extension w* is the largest within 99 % of the best
     labels = np.array([1] * 100 + [0] * 100)
     cos = {w: np.where(labels == 1, 0.1, 0.9) for w in (0.0, 2.0, 5.0, 7.5, 11.25)}

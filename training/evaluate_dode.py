@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_slice_range_argument(p)
     p.add_argument("--solver", choices=("torch", "scipy"), default="torch")
     p.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default="rademacher")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes averaged per slice (default 1)")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--t0", default="0.1,0.3,0.5,0.7,0.9", help="localisation grid noise levels")
     p.add_argument(
@@ -89,7 +90,14 @@ def score_real_case(model, folder: Path, size: int, args) -> dict:
     case = load_case({"flair": flair})
     ds = slices_from_case(case, read_labelmap_like(seg, case), folder.name, ("flair",), size, min_brain_fraction=0.05)
     _, score = score_slices(
-        model, ds.images, solver=args.solver, probe=args.probe, seed=args.seed, rtol=args.rtol, atol=args.rtol
+        model,
+        ds.images,
+        solver=args.solver,
+        probe=args.probe,
+        seed=args.seed,
+        rtol=args.rtol,
+        atol=args.rtol,
+        n_probes=args.probes,
     )
     lab = np.asarray(ds.labels).astype(int)
     out = {
@@ -145,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.asarray(ds.labels).astype(int)
         t0 = time.perf_counter()
         per_scale, score = score_slices(
-            model, x, solver=args.solver, probe=args.probe, seed=args.seed, rtol=args.rtol, atol=args.rtol
+            model,
+            x,
+            solver=args.solver,
+            probe=args.probe,
+            seed=args.seed,
+            rtol=args.rtol,
+            atol=args.rtol,
+            n_probes=args.probes,
         )
         secs = time.perf_counter() - t0
         table1 = image_level(labels, score)

@@ -61,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dode-scales", help="subset of the run's scales to ship, e.g. 128")
     p.add_argument("--dode-threshold", type=float, help="decision threshold in bpd (default: dode_threshold.json)")
     p.add_argument("--dode-tol", type=float, default=1e-5, help="likelihood rtol = atol at inference (default 1e-5)")
+    p.add_argument(
+        "--dode-probes",
+        type=int,
+        default=1,
+        help="Hutchinson probes averaged per slice at inference (default 1, the paper's; see the probe-noise table)",
+    )
+    p.add_argument("--version", default=None, help="bundle version, e.g. 2.0.0 (recorded in the manifest)")
+    p.add_argument(
+        "--changelog",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="what changed in this version (repeatable; appended to the manifest's changelog under --version)",
+    )
+    p.add_argument(
+        "--changelog-from", type=Path, default=None, help="bundle whose changelog this one continues (its entries kept)"
+    )
     p.add_argument("--decoder-scale", type=int, help="ship dode_decoder_<scale>.safetensors from the AnoDODE run")
     p.add_argument("--gate", choices=("none", "dode"), default="none", help="default AnoFPDM gating (default none)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="weight storage")
@@ -140,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             sec, files = dode_section(
                 dm,
                 thr,
-                likelihood={"rtol": args.dode_tol, "atol": args.dode_tol, "probe": "rademacher", "eps": 1e-5},
+                likelihood={
+                    "rtol": args.dode_tol,
+                    "atol": args.dode_tol,
+                    "probe": "rademacher",
+                    "probes": args.dode_probes,
+                    "eps": 1e-5,
+                },
                 modality=targs.get("modality", "flair"),
                 decoder=decoder,
                 decoder_scale=args.decoder_scale,
@@ -157,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             slice_size = slice_size or sec["slice_size"]
         manifest["modalities"] = modalities
         manifest["slice_size"] = slice_size
+        if args.version:
+            entries = []
+            if args.changelog_from:
+                entries = list(open_bundle(args.changelog_from).manifest.get("changelog", []))
+            manifest["version"] = args.version
+            manifest["changelog"] = [*entries, {"version": args.version, "changes": list(args.changelog)}]
         out = write_bundle(args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip)
         b = open_bundle(out)
         size = b.info()["total_bytes"] / 1e6

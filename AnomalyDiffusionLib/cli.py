@@ -275,10 +275,11 @@ def _cmd_info(args: argparse.Namespace, progress) -> int:
         "timm": timm.__version__,
         "SimpleITK": sitk.Version_VersionString(),
         "cuda_available": torch.cuda.is_available(),
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "phantom_templates": templates,
     }
-    print(json.dumps(info, indent=1))
+    print(json.dumps(info) if args.json else json.dumps(info, indent=1))
     return 0
 
 
@@ -409,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.set_defaults(func=_cmd_phantom)
 
     i = sub.add_parser("info", help="print versions, device and data availability")
+    i.add_argument("--json", action="store_true", help="one line of JSON (for programs, e.g. the Slicer module)")
     i.set_defaults(func=_cmd_info)
     return p
 

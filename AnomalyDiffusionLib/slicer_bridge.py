@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,10 @@ SEGMENT_TERMINOLOGY = (
 #: heatmap display: a colour table and the share of the heatmap's range shown
 HEATMAP_COLOR_NODE = "vtkMRMLColorTableNodeFileInferno.txt"
 HEATMAP_OPACITY = 0.5
+#: share of the heatmap's range below which the overlay is transparent (and its window starts)
+HEATMAP_LOWER_FRACTION = 0.05
+#: the table column the per-slice plot uses as X (the slice number)
+PLOT_X_COLUMN = "slice"
 #: plot series drawn from slices.csv: (column, label, colour)
 PLOT_SERIES = (
     ("dode_score", "AnoDODE score (bpd)", (0.95, 0.6, 0.1)),
@@ -177,6 +182,32 @@ def parse_progress_line(line: str, state: ProgressState) -> ProgressState:
 
 
 # ------------------------------------------------------------------------------------- process
+def popen_options(env: Mapping[str, str] | None = None, os_name: str | None = None, sp=subprocess) -> tuple[dict, dict]:
+    """``(Popen keyword arguments, environment)`` for the CLI child process.
+
+    Its own process group (so Cancel reaches every child); on Windows additionally no console window
+    (``STARTUPINFO`` with ``SW_HIDE`` and ``CREATE_NO_WINDOW``, as ``slicer.util.launchConsoleProcess``
+    hides it). The child writes UTF-8 whatever the system code page (``PYTHONIOENCODING``,
+    ``PYTHONUTF8``), unbuffered so progress arrives line by line. ``os_name`` / ``sp`` let tests ask
+    for the Windows options on another system.
+    """
+    os_name = os.name if os_name is None else os_name
+    kwargs: dict = {}
+    if os_name == "nt":
+        kwargs["creationflags"] = sp.CREATE_NEW_PROCESS_GROUP | sp.CREATE_NO_WINDOW
+        info = sp.STARTUPINFO()
+        info.dwFlags |= sp.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        kwargs["startupinfo"] = info
+    else:
+        kwargs["start_new_session"] = True
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env["PYTHONIOENCODING"] = "utf-8"
+    full_env["PYTHONUTF8"] = "1"
+    return kwargs, full_env
+
+
 class DetectProcess:
     """The CLI in its own process (group), read by a background thread; poll it from the GUI.
 
@@ -190,13 +221,7 @@ class DetectProcess:
         self.returncode: int | None = None
         self.cancelled = False
         self._lines: queue.Queue[str | None] = queue.Queue()
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # its own process group: Cancel reaches every child
-        full_env = dict(os.environ if env is None else env)
-        full_env["PYTHONUNBUFFERED"] = "1"
+        kwargs, full_env = popen_options(env)
         self._proc = subprocess.Popen(
             self.command,
             stdout=subprocess.PIPE,
@@ -255,6 +280,13 @@ class DetectProcess:
             return self.state.error
         tail = "; ".join(self.state.log[-3:])
         return f"the detection process exited with status {self.returncode}" + (f": {tail}" if tail else "")
+
+    def output_text(self) -> str:
+        """Everything the process printed that was not progress (for the application log)."""
+        lines = list(self.state.log)
+        if self.state.error:
+            lines.append(f"error: {self.state.error}")
+        return "\n".join(lines)
 
     def cancel(self, grace_s: float = 3.0) -> None:
         """End the process and all its children: SIGTERM to the group, SIGKILL after ``grace_s``."""
@@ -382,4 +414,142 @@ def status_after(summary: Mapping) -> str:
     t = (summary.get("timings_s") or {}).get("total")
     if t is not None:
         parts.append(f"{t:.0f} s on {summary.get('device', '?')}")
+    warnings = [str(w) for w in summary.get("warnings") or []]
+    if warnings:
+        parts.append("warning: " + "; ".join(warnings))
     return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------ device probe
+def device_probe_command(python: str | None = None) -> list[str]:
+    """``anomaly-diffusion info --json`` with Slicer's Python: the panel learns the device from a
+    child process, so Slicer's own process never imports torch nor opens a GPU context."""
+    return [python or sys.executable, "-m", "AnomalyDiffusionLib.cli", "--progress", "none", "info", "--json"]
+
+
+def parse_info_output(lines: Sequence[str]) -> dict | None:
+    """The JSON object ``info --json`` printed (the last line that parses as one), else None."""
+    for line in reversed(list(lines)):
+        text = line.strip()
+        if text.startswith("{"):
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "torch" in rec:
+                return rec
+    return None
+
+
+def device_label(info: Mapping | None, output: str = "") -> str:
+    """The panel's device line from ``info --json``'s object (None: the probe failed)."""
+    if info is None:
+        if "No module named 'torch'" in output or "No module named torch" in output:
+            return "PyTorch not installed yet (installed on first run)"
+        return "Device unknown (the probe failed; see the log)"
+    if info.get("cuda_available"):
+        return f"GPU: {info.get('cuda_device') or info.get('device') or 'CUDA'}"
+    if info.get("mps_available"):
+        return "Apple GPU (MPS) found; detection runs on the CPU"
+    return "CPU only (no CUDA GPU found)"
+
+
+# ------------------------------------------------------------------------------ requirements
+def missing_requirements(lines: Sequence[str], skip: Sequence[str] = (), version_of=None) -> list[str]:
+    """The requirement lines (``requirements.txt`` syntax) that the installed packages do not satisfy,
+    for Slicer versions without ``slicer.packaging`` (5.10). ``skip``: distribution names left to
+    others (torch from the PyTorch extension, Slicer's numpy). ``version_of(name)`` returns the
+    installed version or None (default: ``importlib.metadata``). Versions are compared with
+    ``packaging`` when it is importable, else a requirement is met by any installed version."""
+    if version_of is None:
+        import importlib.metadata
+
+        def version_of(name):
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return None
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - Slicer ships packaging (pip needs it)
+        Requirement = None
+    skipped = {_canonical(s) for s in skip}
+    missing = []
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if Requirement is not None:
+            req = Requirement(line)
+            name, spec = req.name, req.specifier
+        else:
+            name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
+            spec = None
+        if _canonical(name) in skipped:
+            continue
+        installed = version_of(name)
+        if installed is None or (spec is not None and not spec.contains(installed, prereleases=True)):
+            missing.append(line)
+    return missing
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ------------------------------------------------------------------- bundle settings / overrides
+#: the settings the advanced box shows, each with the bundle value it starts from
+OVERRIDE_FIELDS = ("w", "early_stop", "stride", "dode_threshold")
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict:
+    """A bundle's ``manifest.json`` (folder or .zip) as a dict, without torch."""
+    path = Path(bundle)
+    if path.is_dir():
+        return json.loads((path / "manifest.json").read_text())
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        name = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "manifest.json"), None)
+        if name is None:
+            raise FileNotFoundError(f"no manifest.json in '{path}'")
+        return json.loads(zf.read(name))
+
+
+def bundle_settings(manifest: Mapping) -> dict:
+    """The calibrated values a run uses when nothing is overridden: AnoFPDM w, early stop, stride
+    (``fpdm.settings``; w from the calibration when present) and the AnoDODE decision threshold."""
+    out: dict = {}
+    fpdm = manifest.get("fpdm") or {}
+    settings = fpdm.get("settings") or {}
+    cal = fpdm.get("calibration") or {}
+    if "w" in cal or "w" in settings:
+        out["w"] = float(cal.get("w", settings.get("w")))
+    if "early_stop" in settings:
+        out["early_stop"] = bool(settings["early_stop"])
+    if "stride" in settings:
+        out["stride"] = int(settings["stride"])
+    dode = manifest.get("dode") or {}
+    if dode.get("decision_threshold") is not None:
+        out["dode_threshold"] = float(dode["decision_threshold"])
+    return out
+
+
+def changed_settings(shown: Mapping, values: Mapping) -> dict:
+    """Only the settings the user changed: the entries of ``values`` that differ from the values the
+    panel showed from the bundle (``shown``); a setting with no shown value counts as changed."""
+    out = {}
+    for key in OVERRIDE_FIELDS:
+        if key not in values or values[key] is None:
+            continue
+        v = values[key]
+        base = shown.get(key)
+        if base is None:
+            out[key] = v
+        elif isinstance(v, float) or isinstance(base, float):
+            if abs(float(v) - float(base)) > 1e-6 * max(1.0, abs(float(base))):
+                out[key] = v
+        elif v != base:
+            out[key] = v
+    return out

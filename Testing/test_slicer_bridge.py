@@ -1,5 +1,7 @@
 """What the Slicer module decides, tested without Slicer: command line, progress stream, process
-tree cancellation, output → node plan, table columns, the slice to jump to."""
+tree cancellation, output → node plan, table columns, the slice to jump to, the child process's
+Windows and encoding options, the device probe, the requirement check of Slicer 5.10 and the
+bundle's calibrated settings with their overrides."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import json
 import os
 import sys
 import time
+import types
+import zipfile
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_bundle
@@ -17,14 +22,24 @@ from AnomalyDiffusionLib.slicer_bridge import (
     DetectProcess,
     DetectRequest,
     ProgressState,
+    bundle_settings,
+    changed_settings,
     detect_command,
+    device_label,
+    device_probe_command,
     jump_target,
+    missing_requirements,
     output_plan,
+    parse_info_output,
     parse_progress_line,
     plot_series,
+    popen_options,
+    read_manifest,
     read_table,
     status_after,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +200,95 @@ def test_terminology_entry_matches_the_shipped_context():
     )
     typ = next(t for t in cat["Type"] if parts[2] == f"SCT^{t['CodeValue']}^{t['CodeMeaning']}")
     assert [round(255 * v) for v in SEGMENT_COLOR] == typ["recommendedDisplayRGBValue"]
+
+
+# ------------------------------------------------------------------------- child process options
+def test_windows_child_has_no_console_window_and_writes_utf8():
+    class STARTUPINFO:
+        def __init__(self):
+            self.dwFlags, self.wShowWindow = 0, 1
+
+    sp = types.SimpleNamespace(
+        CREATE_NEW_PROCESS_GROUP=0x200, CREATE_NO_WINDOW=0x08000000, STARTF_USESHOWWINDOW=1, STARTUPINFO=STARTUPINFO
+    )
+    kwargs, env = popen_options({"PATH": "C:\\x"}, os_name="nt", sp=sp)
+    assert kwargs["creationflags"] == 0x200 | 0x08000000 and "start_new_session" not in kwargs
+    info = kwargs["startupinfo"]
+    assert info.dwFlags & 1 and info.wShowWindow == 0  # SW_HIDE, as slicer.util.launchConsoleProcess
+    assert env["PYTHONIOENCODING"] == "utf-8" and env["PYTHONUTF8"] == "1" and env["PATH"] == "C:\\x"
+    kwargs, env = popen_options({}, os_name="posix")
+    assert kwargs == {"start_new_session": True} and env["PYTHONIOENCODING"] == "utf-8"
+
+
+def test_child_output_is_read_as_utf8(tmp_path):
+    script = "import sys; print('Läsion µ ✓'); sys.exit(3)"
+    p = DetectProcess([sys.executable, "-c", script], env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    p.wait(timeout_s=30)
+    assert p.state.log == ["Läsion µ ✓"] and p.returncode == 3  # forced back to UTF-8
+    assert "Läsion µ ✓" in p.output_text()
+
+
+# ------------------------------------------------------------------------------- device probe
+def test_device_probe_asks_the_cli_for_json():
+    p = DetectProcess(device_probe_command(sys.executable), cwd=str(ROOT))
+    p.wait(timeout_s=300)
+    info = parse_info_output(p.state.log)
+    assert p.succeeded and info is not None, p.output_text()
+    assert {"torch", "cuda_available", "mps_available", "device"} <= set(info)
+    assert device_label(info).startswith("GPU: " if info["cuda_available"] else ("Apple GPU", "CPU only"))
+
+
+def test_device_label_names_cuda_mps_cpu_and_a_missing_torch():
+    assert device_label({"torch": "2", "cuda_available": True, "device": "H200"}) == "GPU: H200"
+    assert device_label({"torch": "2", "cuda_available": False, "mps_available": True}).startswith("Apple GPU (MPS)")
+    assert device_label({"torch": "2", "cuda_available": False, "mps_available": False}).startswith("CPU only")
+    assert device_label(None, "ModuleNotFoundError: No module named 'torch'").startswith("PyTorch not installed")
+    assert device_label(None, "Segmentation fault").startswith("Device unknown")
+    assert parse_info_output(["warning: x", '{"torch": "2.4", "cuda_available": false}', ""])["torch"] == "2.4"
+    assert parse_info_output(["{not json", '{"stage": "x"}']) is None
+
+
+# ----------------------------------------------------------------------------- requirements
+def test_missing_requirements_checks_names_and_versions():
+    installed = {"timm": "1.0.9", "scipy": "1.10.0", "safetensors": "0.4.5", "torch": "2.1"}
+    lines = ["# comment", "", "timm>=1.0,<2", "scipy>=1.11,<2", "safetensors>=0.4,<1  # weights",
+             "nilearn==0.14.1", "torch>=2.4", "scikit_image>=0.22"]  # fmt: skip
+    got = missing_requirements(lines, skip=["torch", "scikit-image"], version_of=installed.get)
+    assert got == ["scipy>=1.11,<2", "nilearn==0.14.1"]
+
+
+def test_missing_requirements_of_this_environment_are_none():
+    """The shipped requirements.txt is satisfied by the test environment (importlib.metadata)."""
+    lines = (ROOT / "AnomalyDiffusion" / "Resources" / "requirements.txt").read_text().splitlines()
+    assert missing_requirements(lines) == []
+    assert missing_requirements(["surely-not-installed-package-xyz>=1"]) == ["surely-not-installed-package-xyz>=1"]
+
+
+# ------------------------------------------------------------------------- bundle settings
+def test_bundle_settings_from_folder_and_zip(tmp_path):
+    manifest = {"fpdm": {"settings": {"w": 2.0, "stride": 30, "early_stop": False}, "calibration": {"w": 5.0}},
+                "dode": {"decision_threshold": 7.5}}  # fmt: skip
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    zipped = tmp_path / "b.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("b/manifest.json", json.dumps(manifest))
+    for path in (folder, zipped):
+        assert bundle_settings(read_manifest(path)) == {"w": 5.0, "early_stop": False, "stride": 30,
+                                                        "dode_threshold": 7.5}  # fmt: skip
+    assert bundle_settings({"dode": {"decision_threshold": None}}) == {}
+
+
+def test_changed_settings_keep_only_what_differs():
+    shown = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.320472816393783}
+    same = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.3204728}  # spin box rounding
+    assert changed_settings(shown, same) == {}
+    assert changed_settings(shown, dict(same, early_stop=True, stride=10)) == {"early_stop": True, "stride": 10}
+    assert changed_settings({}, {"w": 3.0, "stride": None}) == {"w": 3.0}
+
+
+def test_status_line_lists_warnings():
+    text = status_after({"verdict": "normal", "warnings": ["stride 10 differs from the calibrated 30", "w"]})
+    assert text == "Normal; warning: stride 10 differs from the calibrated 30; w"
+    assert "warning" not in status_after({"verdict": "normal", "warnings": []})

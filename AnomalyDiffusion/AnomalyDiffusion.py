@@ -15,11 +15,14 @@ Console / batch use (``Slicer --no-main-window --python-script``)::
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -102,18 +105,43 @@ def loadTerminology() -> None:
         logging.warning("AnomalyDiffusion: could not load %s (%s)", path, exc)
 
 
+#: the Sample Data category; Slicer 5.12 shows a registered (translatable) title for it, 5.10 shows
+#: the category name itself, so the name is readable too
+SAMPLE_CATEGORY = "Anomaly Diffusion"
+
+
 def registerSampleData() -> None:
     """Register the synthetic phantom case (FLAIR, T2 and its lesion mask) as Sample Data. It is made
     locally by the library (no download), so it works offline."""
     import SampleData
 
-    SampleData.SampleDataLogic.registerCustomSampleDataCategory("AnomalyDiffusion", title=_("Anomaly Diffusion"))
+    if hasattr(SampleData.SampleDataLogic, "registerCustomSampleDataCategory"):  # Slicer >= 5.12
+        SampleData.SampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, title=_("Anomaly Diffusion"))
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="AnomalyDiffusion",
+        category=SAMPLE_CATEGORY,
         sampleName="AnomalyDiffusionPhantom",
         thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "AnomalyDiffusionPhantom.png"),
-        customDownloader=lambda source: AnomalyDiffusionLogic().loadPhantomCase(),
+        customDownloader=downloadPhantomSample,
     )
+
+
+def downloadPhantomSample(source=None):
+    """Sample Data button: make the phantom case (installing the dependencies first, after asking),
+    with a progress dialog; a failure is shown to the user, not only in the Python console."""
+    try:
+        with slicer.util.tryWithErrorDisplay(_("The phantom sample could not be made."), waitCursor=True):
+            logic = AnomalyDiffusionLogic()
+            logic.ensureDependencies()
+            dialog = slicer.util.createProgressDialog(
+                labelText=_("Making a synthetic phantom case…"), windowTitle=_("Anomaly Diffusion"), maximum=0
+            )
+            try:
+                return logic.loadPhantomCase(tick=slicer.app.processEvents)
+            finally:
+                dialog.close()
+    except Exception:  # already shown to the user; the log keeps the traceback
+        logging.error("AnomalyDiffusion: the phantom sample could not be made", exc_info=True)
+        return []
 
 
 # ------------------------------------------------------------------------------ parameter node
@@ -133,17 +161,25 @@ class AnomalyDiffusionParameterNode:
     methods: Annotated[str, Choice(["Segmentation and slice scoring", "Segmentation", "Slice scoring"])] = (
         "Segmentation and slice scoring"
     )
-    overrideSettings: bool = False
-    guidance: Annotated[float, WithinRange(0.0, 20.0)] = 2.0
+    # advanced settings: they show the bundle's calibrated values (the panel sets them when the bundle
+    # changes); a run overrides only those that differ from ``shownSettings`` (JSON of what was shown)
+    guidance: Annotated[float, WithinRange(0.0, 40.0)] = 5.0
     earlyStop: bool = False
-    stride: Annotated[int, WithinRange(1, 100)] = 10
+    stride: Annotated[int, WithinRange(1, 100)] = 30
     decisionThreshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    shownSettings: str = ""  # not bound to a widget
     dodeScales: str = ""
     faithful: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     outputHeatmap: vtkMRMLScalarVolumeNode
     outputTable: vtkMRMLTableNode
 
+
+#: parameter node field -> bundle setting (``slicer_bridge.OVERRIDE_FIELDS``)
+SETTING_FIELDS = {"guidance": "w", "earlyStop": "early_stop", "stride": "stride", "decisionThreshold": "dode_threshold"}
+
+#: fields of the parameter node that no widget binds
+UNBOUND_FIELDS = ("shownSettings",)
 
 METHODS = {
     "Segmentation and slice scoring": ("fpdm", "dode"),
@@ -159,6 +195,7 @@ class AnomalyDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
+        self.logic = None  # slicer.util.getModuleLogic("AnomalyDiffusion") reads the widget's .logic
         self.panel = None
 
     def setup(self) -> None:
@@ -167,7 +204,8 @@ class AnomalyDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.panel = AnomalyDiffusionPanel(ui, AnomalyDiffusionLogic())
+        self.logic = AnomalyDiffusionLogic()
+        self.panel = AnomalyDiffusionPanel(ui, self.logic)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.panel.initializeParameterNode()
@@ -194,8 +232,9 @@ class AnomalyDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class AnomalyDiffusionPanel(VTKObservationMixin):
     """The panel's behaviour. It receives the ``ui`` (child widget variables) and a ``logic`` object,
-    so tests can drive it with another logic (anything with ``getParameterNode``, ``detectedDevice``,
-    ``startDetection``, ``loadResults`` and ``cleanupRun``)."""
+    so tests can drive it with another logic (anything with ``getParameterNode``, ``guessInputs``,
+    ``startDeviceProbe``, ``deviceLabel``, ``bundleSettings``, ``startDetection``, ``loadResults`` and
+    ``cleanupRun``)."""
 
     POLL_MS = 200
 
@@ -206,16 +245,48 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
         self._parameterNode = None
         self._guiTag = None
         self._run = None  # (process, run info) while a detection runs
+        self._probe = None  # the device probe process while it runs
+        self._shownBundleKey = None  # the bundle whose settings the advanced box shows
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._timer.connect("timeout()", self._poll)
+        self._probeTimer = qt.QTimer()
+        self._probeTimer.setInterval(self.POLL_MS)
+        self._probeTimer.connect("timeout()", self._pollProbe)
         ui.applyButton.connect("clicked(bool)", self.onApply)
         ui.cancelButton.connect("clicked(bool)", self.cancel)
         ui.bundleSourceComboBox.connect("currentIndexChanged(int)", self._updateBundleWidgets)
+        ui.bundleFolderButton.connect("clicked(bool)", self.onChooseBundleFolder)
+        # only heatmaps this module made (or new ones) are offered: an input volume cannot be overwritten
+        ui.heatmapSelector.addAttribute("vtkMRMLScalarVolumeNode", OUTPUT_ROLE_ATTRIBUTE, "heatmap")
         ui.progressBar.setVisible(False)
         ui.cancelButton.setEnabled(False)
-        ui.deviceLabel.setText(logic.detectedDevice())
         ui.statusLabel.setText(_("Select FLAIR and T2 volumes, then click Detect anomalies."))
+        self.probeDevice()
+
+    # ---- device
+    def probeDevice(self) -> None:
+        """Ask the CLI (``info --json``, a child process) which device ``auto`` would use."""
+        self.ui.deviceLabel.setText(_("Checking…"))
+        try:
+            self._probe = self.logic.startDeviceProbe()
+        except Exception as exc:
+            logging.warning("AnomalyDiffusion: device probe could not start (%s)", exc)
+            self._probe = None
+            self.ui.deviceLabel.setText(_("Device unknown ({error})").format(error=exc))
+            return
+        self._probeTimer.start()
+
+    def _pollProbe(self) -> None:
+        if self._probe is None:
+            self._probeTimer.stop()
+            return
+        self._probe.poll()
+        if not self._probe.done:
+            return
+        self._probeTimer.stop()
+        self.ui.deviceLabel.setText(self.logic.deviceLabel(self._probe))
+        self._probe = None
 
     # ---- parameter node
     def initializeParameterNode(self) -> None:
@@ -225,25 +296,72 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
             flair, t2 = self.logic.guessInputs()
             p.flairVolume = p.flairVolume or flair
             p.t2Volume = p.t2Volume or t2
+        self._shownBundleKey = self._bundleKey()
+        if not p.shownSettings:
+            self.showBundleSettings()
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._guiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._guiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._checkCanApply()
             self._updateBundleWidgets()
 
     def cleanup(self) -> None:
         self.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._probeTimer.stop()
         self.removeObservers()
+
+    def _bundleKey(self):
+        p = self._parameterNode
+        return (p.bundleSource, str(p.bundlePath), p.bundleUrl, p.bundleChecksum) if p else None
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._checkCanApply()
+        if self._parameterNode and self._bundleKey() != self._shownBundleKey:
+            self.onBundleChanged()  # after the parameter node has the new choice (not on the widget signal)
+
+    def onBundleChanged(self, *args) -> None:
+        """Another bundle was chosen: show its calibrated settings."""
+        self._updateBundleWidgets()
+        if self._parameterNode:
+            self._shownBundleKey = self._bundleKey()
+            self.showBundleSettings()
+
+    def onChooseBundleFolder(self, *args) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Model bundle folder"))
+        if folder and self._parameterNode:
+            self._parameterNode.bundlePath = Path(folder)
+
+    def showBundleSettings(self) -> None:
+        """Put the selected bundle's calibrated values in the advanced box and remember them: a run
+        overrides only what the user then changes. Unknown (a bundle not downloaded yet): nothing shown,
+        the run compares with the bundle's own values."""
+        p = self._parameterNode
+        try:
+            settings = self.logic.bundleSettings(p)
+        except Exception as exc:
+            logging.info("AnomalyDiffusion: bundle settings not readable (%s)", exc)
+            settings = None
+        if not settings:
+            p.shownSettings = ""
+            return
+        for field, key in SETTING_FIELDS.items():
+            if key in settings:
+                setattr(p, field, settings[key])
+        p.shownSettings = json.dumps(settings)
 
     def _updateBundleWidgets(self, *args) -> None:
         source = self.ui.bundleSourceComboBox.currentText
         self.ui.bundlePathLineEdit.setVisible(source == "Local file or folder")
+        self.ui.bundleFolderButton.setVisible(source == "Local file or folder")
         self.ui.bundleUrlLineEdit.setVisible(source == "Download URL")
         self.ui.bundleChecksumLineEdit.setVisible(source == "Download URL")
 
@@ -285,17 +403,25 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay(_("Results could not be loaded."), waitCursor=True):
                     summary = self.logic.loadResults(run, self._parameterNode)
                     self.ui.statusLabel.setText(_bridge().status_after(summary))
+                    for warning in summary.get("warnings") or []:
+                        logging.warning("AnomalyDiffusion: %s", warning)
             elif process.cancelled:
                 self.ui.statusLabel.setText(_("Cancelled; the scene was not changed."))
             else:
                 message = process.error_message()
+                output = process.output_text() if hasattr(process, "output_text") else ""
+                logging.error("AnomalyDiffusion: detection failed: %s\n%s", message, output)
                 self.ui.statusLabel.setText(_("Failed: {message}").format(message=message))
-                slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=message))
+                slicer.util.errorDisplay(
+                    _("Anomaly detection failed:\n{message}").format(message=message), detailedText=output
+                )
         finally:
             self.logic.cleanupRun(run)
             self.ui.progressBar.setVisible(False)
             self.ui.cancelButton.setEnabled(False)
             self._checkCanApply()
+            if not self.ui.deviceLabel.text.startswith(("GPU", "CPU", "Apple")):
+                self.probeDevice()  # e.g. PyTorch was installed by this run
 
     def cancel(self, *args) -> None:
         """Stop a running detection (the whole process tree); the scene is left untouched."""
@@ -307,6 +433,22 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
 
 
 # --------------------------------------------------------------------------------------- logic
+#: node attribute naming what a node is for this module ("heatmap", "segmentation", "table", "chart")
+OUTPUT_ROLE_ATTRIBUTE = "AnomalyDiffusion.Role"
+#: chart attribute: the ID of the table its series plot (one chart per table, reused by later runs)
+CHART_TABLE_ATTRIBUTE = "AnomalyDiffusion.TableID"
+#: Python packages Slicer or the PyTorch extension provide; never installed from requirements.txt
+SKIP_PACKAGES = ["torch", "torchvision", "SimpleITK", "numpy"]
+
+
+def _hasSlicerPackaging() -> bool:
+    """``slicer.packaging`` (``load_requirements``, ``pip_ensure``) ships from Slicer 5.12 on."""
+    try:
+        return importlib.util.find_spec("slicer.packaging") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
     """Runs ``anomaly-diffusion detect`` in a separate process and loads its outputs into the scene."""
 
@@ -325,20 +467,37 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Slicer's Python (PythonSlicer) was not found"))
         return exe
 
-    def detectedDevice(self) -> str:
-        """What ``auto`` will use, for the panel (without importing torch into Slicer's process when
-        it is not installed yet)."""
-        try:
-            import torch
-        except ImportError:
-            return _("PyTorch not installed yet (installed on first run)")
-        if torch.cuda.is_available():
-            return _("GPU: {name}").format(name=torch.cuda.get_device_name(0))
-        return _("CPU only (no CUDA GPU found)")
+    def startDeviceProbe(self):
+        """``anomaly-diffusion info --json`` in a child process (poll it; see :meth:`deviceLabel`):
+        Slicer's own process never imports torch nor holds a GPU context for it."""
+        bridge = _bridge()
+        return bridge.DetectProcess(
+            bridge.device_probe_command(self.pythonExecutable()),
+            env=slicer.util.startupEnvironment(),
+            cwd=str(_libraryRoot()),
+        )
 
-    def ensureDependencies(self) -> None:
+    def deviceLabel(self, probe) -> str:
+        bridge = _bridge()
+        info = bridge.parse_info_output(probe.state.log) if probe.succeeded else None
+        if info is None:
+            logging.info("AnomalyDiffusion: device probe output:\n%s", probe.output_text())
+        return bridge.device_label(info, probe.output_text())
+
+    def detectedDevice(self, timeout_s: float = 120.0) -> str:
+        """Blocking form of the device probe (console use)."""
+        probe = self.startDeviceProbe()
+        try:
+            probe.wait(timeout_s=timeout_s)
+        except TimeoutError:
+            return _("Device unknown (the probe timed out)")
+        return self.deviceLabel(probe)
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> None:
         """On first use (never at import): PyTorch through the PyTorch extension (it picks the CUDA
-        build that fits this computer), the rest from ``Resources/requirements.txt``; asks first."""
+        build that fits this computer), the rest from ``Resources/requirements.txt``; asks first.
+        Slicer 5.12+ installs them with ``slicer.packaging.pip_ensure``; 5.10, which lacks it, with
+        ``slicer.util.pip_install`` after the library's own requirement check."""
         try:
             import PyTorchUtils
         except ImportError:
@@ -347,29 +506,80 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             ) from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.4") is None:
+            if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.4") is None:
                 raise RuntimeError(_("PyTorch is needed to detect anomalies; installation was declined"))
-        import slicer.packaging
-
-        requirements = slicer.packaging.load_requirements(str(MODULE_DIR / "Resources" / "requirements.txt"))
-        slicer.packaging.pip_ensure(
-            requirements,
-            skip_packages=["torch", "torchvision", "SimpleITK", "numpy"],  # Slicer's / PyTorch extension's own
-            requester="AnomalyDiffusion",
-        )
+        requirementsPath = MODULE_DIR / "Resources" / "requirements.txt"
+        if _hasSlicerPackaging():  # Slicer >= 5.12
+            importlib.import_module("slicer.packaging")  # (a local "import slicer.x" would shadow slicer)
+            requirements = slicer.packaging.load_requirements(str(requirementsPath))
+            slicer.packaging.pip_ensure(
+                requirements, skip_packages=SKIP_PACKAGES, prompt_install=askConfirmation, requester="AnomalyDiffusion"
+            )
+            return
+        missing = _bridge().missing_requirements(requirementsPath.read_text().splitlines(), skip=SKIP_PACKAGES)
+        if not missing:
+            return
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("Anomaly Diffusion needs these Python packages, which will be downloaded and installed now:")
+            + "\n\n"
+            + "\n".join(missing),
+            windowTitle=_("Install Python packages"),
+        ):
+            raise RuntimeError(_("The required Python packages were not installed"))
+        logging.info("AnomalyDiffusion: installing %s", " ".join(missing))
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(missing)
+        still = _bridge().missing_requirements(requirementsPath.read_text().splitlines(), skip=SKIP_PACKAGES)
+        if still:
+            raise RuntimeError(_("Installing Python packages failed: {names}").format(names=", ".join(still)))
 
     def guessInputs(self):
         """FLAIR and T2 volumes by name (``flair``/``t2f``, ``t2``/``t2w``), if the user has not chosen."""
         flair = t2 = None
         for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
             name = node.GetName().lower()
-            if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(OUTPUT_ROLE_ATTRIBUTE):
                 continue
             if flair is None and ("flair" in name or "t2f" in name):
                 flair = node
             elif t2 is None and ("t2" in name and "flair" not in name and "t2f" not in name):
                 t2 = node
         return flair, t2
+
+    @staticmethod
+    def embeddedBundlePath() -> Path | None:
+        """The embedded default bundle's folder (as ``AnomalyDiffusionLib.bundle.default_bundle_path``
+        finds it), without importing the library's torch-dependent modules."""
+        env = os.environ.get("ANOMALY_DIFFUSION_BUNDLE")
+        if env:
+            return Path(env)
+        lib = _libraryRoot() / "AnomalyDiffusionLib"
+        for base in (lib.parent / "Resources" / "Bundles", lib / "Resources" / "Bundles"):
+            if (base / "phantom-small").exists():
+                return base / "phantom-small"
+        return None
+
+    def _bundleCachePath(self, p) -> Path:
+        digest = p.bundleChecksum.split(":", 1)[1].strip().lower()
+        return Path(slicer.app.cachePath) / "AnomalyDiffusion" / "bundles" / (digest[:16] + ".zip")
+
+    def bundleSettings(self, p) -> dict | None:
+        """The selected bundle's calibrated settings (``slicer_bridge.bundle_settings``), or None when
+        the bundle is not on this computer yet."""
+        if p.bundleSource == "Local file or folder":
+            path = Path(str(p.bundlePath))
+            path = path if str(p.bundlePath) not in ("", ".") and path.exists() else None
+        elif p.bundleSource == "Download URL":
+            path = None
+            if p.bundleChecksum.upper().startswith("SHA256:"):
+                cached = self._bundleCachePath(p)
+                path = cached if cached.is_file() else None
+        else:
+            path = self.embeddedBundlePath()
+        if path is None:
+            return None
+        bridge = _bridge()
+        return bridge.bundle_settings(bridge.read_manifest(path))
 
     def bundleLocation(self, p) -> str | None:
         """None (embedded default bundle), a local path, or a downloaded and SHA256-checked file in
@@ -384,23 +594,38 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Enter the model bundle's download URL"))
             if not p.bundleChecksum.upper().startswith("SHA256:"):
                 raise ValueError(_("Enter the bundle's checksum as SHA256:<hex digest>"))
-            cache = Path(slicer.app.cachePath) / "AnomalyDiffusion" / "bundles"
-            cache.mkdir(parents=True, exist_ok=True)
+            target = self._bundleCachePath(p)
+            target.parent.mkdir(parents=True, exist_ok=True)
             digest = p.bundleChecksum.split(":", 1)[1].strip().lower()
             import SampleData
 
             # reuses a cached file whose checksum matches (works offline once downloaded)
             path = SampleData.SampleDataLogic().downloadFile(
-                p.bundleUrl, str(cache), digest[:16] + ".zip", checksum=f"SHA256:{digest}"
+                p.bundleUrl, str(target.parent), target.name, checksum=f"SHA256:{digest}"
             )
             if not os.path.isfile(path) or slicer.util.computeChecksum("SHA256", path) != digest:
                 raise RuntimeError(_("Download of the model bundle failed or its checksum did not match"))
             return path
         return None
 
+    def overrides(self, p, bundle: str | None) -> dict:
+        """The advanced settings to pass to the CLI: only those the user changed from the values the
+        panel showed (``p.shownSettings``); when none were shown, compared with the bundle's own."""
+        bridge = _bridge()
+        if p.shownSettings:
+            shown = json.loads(p.shownSettings)
+        else:
+            location = bundle or self.embeddedBundlePath()
+            shown = bridge.bundle_settings(bridge.read_manifest(location)) if location else {}
+        values = {key: getattr(p, field) for field, key in SETTING_FIELDS.items()}
+        if "dode_threshold" not in shown and not values["dode_threshold"]:
+            values["dode_threshold"] = None  # 0: the bundle's calibrated threshold
+        return bridge.changed_settings(shown, values)
+
     # ---- one run
     def startDetection(self, p, ensureDependencies: bool = True):
-        """Export the inputs, start the CLI, return ``(DetectProcess, run)``; poll the process."""
+        """Export the inputs, start the CLI, return ``(DetectProcess, run)``; poll the process.
+        ``p``: the parameter node, or any object with its fields (console use)."""
         if not p.flairVolume or not p.t2Volume:
             raise ValueError(_("Select FLAIR and T2 volumes"))
         if ensureDependencies:
@@ -421,18 +646,19 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             finally:
                 slicer.mrmlScene.RemoveNode(storage)
             inputs[name] = str(path)
-        override = p.overrideSettings
-        scales = [int(s) for s in p.dodeScales.replace(" ", "").split(",") if s] if override else None
+        bundle = self.bundleLocation(p)
+        changed = self.overrides(p, bundle)
+        scales = [int(s) for s in p.dodeScales.replace(" ", "").split(",") if s]
         request = bridge.DetectRequest(
             inputs=inputs,
             out_dir=str(tempDir / "out"),
-            bundle=self.bundleLocation(p),
+            bundle=bundle,
             device=p.device,
             methods=METHODS[p.methods],
-            w=p.guidance if override else None,
-            early_stop=p.earlyStop if override else None,
-            stride=p.stride if override else None,
-            dode_threshold=p.decisionThreshold if override and p.decisionThreshold > 0 else None,
+            w=changed.get("w"),
+            early_stop=changed.get("early_stop"),
+            stride=changed.get("stride"),
+            dode_threshold=changed.get("dode_threshold"),
             dode_scales=scales or None,
             faithful=p.faithful,
         )
@@ -440,16 +666,24 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         logging.info("AnomalyDiffusion: %s", " ".join(command))
         env = slicer.util.startupEnvironment()
         process = bridge.DetectProcess(command, env=env, cwd=str(_libraryRoot()))
-        return process, {"tempDir": tempDir, "request": request, "flair": p.flairVolume}
+        outputs = {
+            "segmentation": p.outputSegmentation,
+            "heatmap": p.outputHeatmap,
+            "table": p.outputTable,
+        }  # the user's picks at the start of the run; None: a new node
+        return process, {"tempDir": tempDir, "request": request, "flair": p.flairVolume, "outputs": outputs}
 
     def cleanupRun(self, run) -> None:
         if not self.keepTemporaryFiles:
             shutil.rmtree(run["tempDir"], ignore_errors=True)
 
     def loadResults(self, run, p=None) -> dict:
-        """Turn the CLI's output folder into nodes (see ``slicer_bridge.output_plan``) and show them."""
+        """Turn the CLI's output folder into nodes (see ``slicer_bridge.output_plan``) and show them.
+        Each run makes new, uniquely named nodes, except where the user picked an output node when
+        the run started; the parameter node's selections are left as the user set them."""
         bridge = _bridge()
         flair = run["flair"]
+        picked = run.get("outputs") or {}
         plan = bridge.output_plan(run["request"].out_dir, flair.GetName())
         summary = {}
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
@@ -459,33 +693,36 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             if item.kind == "summary":
                 summary = json.loads(item.path.read_text())
             elif item.kind == "segmentation":
-                created["segmentation"] = self._loadSegmentation(item, flair, p.outputSegmentation if p else None)
+                created["segmentation"] = self._loadSegmentation(item, flair, picked.get("segmentation"))
             elif item.kind == "heatmap":
-                created["heatmap"] = self._loadHeatmap(item, flair, p.outputHeatmap if p else None)
+                created["heatmap"] = self._loadHeatmap(item, flair, picked.get("heatmap"))
             elif item.kind == "table":
-                created["table"], created["chart"] = self._loadTable(item, p.outputTable if p else None)
-        for node in created.values():
-            if node is not None:
-                shNode.SetItemParent(shNode.GetItemByDataNode(node), parentItem)
-        if p is not None:
-            if created.get("segmentation"):
-                p.outputSegmentation = created["segmentation"]
-            if created.get("heatmap"):
-                p.outputHeatmap = created["heatmap"]
-            if created.get("table"):
-                p.outputTable = created["table"]
+                created["table"], created["chart"] = self._loadTable(item, picked.get("table"))
+        for role, node in created.items():
+            if node is None:
+                continue
+            node.SetAttribute(OUTPUT_ROLE_ATTRIBUTE, role)
+            shNode.SetItemParent(shNode.GetItemByDataNode(node), parentItem)
+            if node.IsA("vtkMRMLStorableNode"):
+                node.StorableModified()  # saved with the scene like any node the user made
         target = bridge.jump_target(summary)
         if target is not None:
             slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *target, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
         summary["nodes"] = {k: v.GetID() for k, v in created.items() if v is not None}
         return summary
 
+    @staticmethod
+    def _newName(name: str) -> str:
+        return slicer.mrmlScene.GenerateUniqueName(name)
+
     def _loadSegmentation(self, item, flair, segmentationNode=None):
         bridge = _bridge()
         labelmap = slicer.util.loadLabelVolume(str(item.path), {"name": item.node_name + " labelmap", "show": False})
         try:
             if segmentationNode is None:
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", item.node_name)
+                segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", self._newName(item.node_name)
+                )
             segmentationNode.GetSegmentation().RemoveAllSegments()
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(flair)
             segmentId = segmentationNode.GetSegmentation().AddEmptySegment(
@@ -506,7 +743,12 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
 
     def _loadHeatmap(self, item, flair, heatmapNode=None):
         bridge = _bridge()
-        node = slicer.util.loadVolume(str(item.path), {"name": item.node_name, "show": False})
+        node = slicer.util.loadVolume(str(item.path), {"name": self._newName(item.node_name), "show": False})
+        # the file lies in the run's temporary folder, deleted after loading: drop the reference so
+        # Save writes the volume (the save dialog gives it a default storage node)
+        storage = node.GetStorageNode()
+        if storage is not None:
+            slicer.mrmlScene.RemoveNode(storage)
         if heatmapNode is not None:  # reuse the chosen output node
             heatmapNode.SetAndObserveImageData(node.GetImageData())
             heatmapNode.CopyOrientation(node)
@@ -517,7 +759,11 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         display.SetAndObserveColorNodeID(bridge.HEATMAP_COLOR_NODE)
         lo, hi = node.GetImageData().GetScalarRange()
         display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(lo + 0.05 * (hi - lo), hi)
+        display.SetWindowLevelMinMax(lo + bridge.HEATMAP_LOWER_FRACTION * (hi - lo), hi)
+        # below the lower threshold the overlay is transparent: the FLAIR is not dimmed everywhere
+        display.SetLowerThreshold(lo + bridge.HEATMAP_LOWER_FRACTION * (hi - lo))
+        display.SetUpperThreshold(hi)
+        display.SetApplyThreshold(1)
         slicer.util.setSliceViewerLayers(background=flair, foreground=node, foregroundOpacity=bridge.HEATMAP_OPACITY)
         return node
 
@@ -525,7 +771,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         bridge = _bridge()
         cols, values, types = bridge.read_table(item.path)
         if tableNode is None:
-            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", item.node_name)
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", self._newName(item.node_name))
         tableNode.RemoveAllColumns()
         arrays = {
             "int": vtk.vtkIntArray,
@@ -542,19 +788,38 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
                 else:
                     arr.InsertNextValue(int(v) if types[c] in ("int", "bool") else float(v))
             tableNode.AddColumn(arr)
-        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", item.node_name + " plot")
+        chart = self._chartForTable(tableNode, tableNode.GetName() + " plot")
         chart.SetTitle(_("Per-slice anomaly scores"))
         chart.SetXAxisTitle(_("axial slice (inferior → superior)"))
+        existing = {}
+        for i in range(chart.GetNumberOfPlotSeriesNodes()):
+            series = chart.GetNthPlotSeriesNode(i)
+            existing[series.GetYColumnName()] = series
         for column, label, color in bridge.plot_series(cols):
-            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", label)
+            series = existing.get(column)
+            if series is None:
+                series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", label)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
             series.SetAndObserveTableNodeID(tableNode.GetID())
-            series.SetXColumnName("slice")
+            series.SetXColumnName(bridge.PLOT_X_COLUMN)
             series.SetYColumnName(column)
-            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+            # a scatter series places its points at the X column's values (a line series would space
+            # them equally, by row); drawn as a line without markers
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
+            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
             series.SetColor(*color)
-            chart.AddAndObservePlotSeriesNodeID(series.GetID())
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         return tableNode, chart
+
+    def _chartForTable(self, tableNode, name):
+        """The chart a previous run made for this table, else a new one."""
+        for chart in slicer.util.getNodesByClass("vtkMRMLPlotChartNode"):
+            if chart.GetAttribute(CHART_TABLE_ATTRIBUTE) == tableNode.GetID():
+                return chart
+        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", self._newName(name))
+        chart.SetAttribute(CHART_TABLE_ATTRIBUTE, tableNode.GetID())
+        return chart
 
     # ---- console / batch API
     def process(
@@ -571,14 +836,16 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
     ) -> dict:
         """Blocking: nodes in → nodes out. Returns the summary with ``summary["nodes"]`` (node IDs of
         the segmentation, heatmap, table and chart). ``progress(fraction, status)`` is called on changes."""
-        p = self.getParameterNode()
-        p.flairVolume, p.t2Volume, p.t1Volume, p.t1ceVolume = flair, t2, t1, t1ce
-        p.device = device
-        p.methods = next(k for k, v in METHODS.items() if tuple(v) == tuple(methods))
-        if bundle:
-            p.bundleSource, p.bundlePath = "Local file or folder", Path(bundle)
-        else:
-            p.bundleSource = "Embedded default"
+        p = self.consoleParameters(
+            flairVolume=flair,
+            t2Volume=t2,
+            t1Volume=t1,
+            t1ceVolume=t1ce,
+            device=device,
+            methods=next(k for k, v in METHODS.items() if tuple(v) == tuple(methods)),
+            bundleSource="Local file or folder" if bundle else "Embedded default",
+            bundlePath=Path(bundle) if bundle else Path(),
+        )
         process, run = self.startDetection(p, ensureDependencies=ensureDependencies)
         try:
             process.wait(progress=progress)
@@ -587,6 +854,41 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             return self.loadResults(run, p)
         finally:
             self.cleanupRun(run)
+
+    @staticmethod
+    def consoleParameters(**values):
+        """Parameters for a console run, apart from the GUI's parameter node (a console ``process()``
+        leaves the panel's selections alone): the parameter node's defaults, then ``values``. The
+        advanced settings start unset, so the bundle's calibrated values apply unless given."""
+        import types
+
+        fields = dict(
+            flairVolume=None,
+            t2Volume=None,
+            t1Volume=None,
+            t1ceVolume=None,
+            bundleSource="Embedded default",
+            bundlePath=Path(),
+            bundleUrl="",
+            bundleChecksum="",
+            device="auto",
+            methods="Segmentation and slice scoring",
+            guidance=None,
+            earlyStop=None,
+            stride=None,
+            decisionThreshold=None,
+            dodeScales="",
+            faithful=False,
+            shownSettings="{}",
+            outputSegmentation=None,
+            outputHeatmap=None,
+            outputTable=None,
+        )
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown parameter(s): {sorted(unknown)}")
+        fields.update(values)
+        return types.SimpleNamespace(**fields)
 
     def processFiles(self, flairPath, t2Path, outDir, bundle=None, device="auto", progress=None) -> dict:
         """Blocking: files in → files out (the CLI's outputs in ``outDir``); returns the summary."""
@@ -608,8 +910,9 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(process.error_message())
         return json.loads((Path(outDir) / "summary.json").read_text())
 
-    def loadPhantomCase(self, seed: int = 7):
-        """A synthetic case (FLAIR, T2, lesion labelmap) made by the library, loaded into the scene."""
+    def loadPhantomCase(self, seed: int = 7, tick=None):
+        """A synthetic case (FLAIR, T2, lesion labelmap) made by the library, loaded into the scene.
+        ``tick()`` is called while the library works (e.g. ``slicer.app.processEvents``)."""
         folder = Path(slicer.util.tempDirectory("__AnomalyDiffusionPhantom__"))
         command = [
             self.pythonExecutable(),
@@ -630,8 +933,13 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             "1.5",
         ]
         process = _bridge().DetectProcess(command, env=slicer.util.startupEnvironment(), cwd=str(_libraryRoot()))
-        process.wait()
+        while not process.done:
+            process.poll()
+            if tick is not None:
+                tick()
+            time.sleep(0.05)
         if not process.succeeded:
+            logging.error("AnomalyDiffusion: phantom failed:\n%s", process.output_text())
             raise RuntimeError(process.error_message())
         case = folder / "Case_0"
         nodes = [
@@ -643,9 +951,18 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
 
 
 # ---------------------------------------------------------------------------------------- test
+def missingDependencies() -> list[str]:
+    """What a detection would still need installed (empty: ready): torch and the packages of
+    ``Resources/requirements.txt``. Checked without importing them."""
+    lines = ["torch", *(MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()]
+    return _bridge().missing_requirements(lines, skip=["torchvision", "SimpleITK", "numpy"])
+
+
 class AnomalyDiffusionTest(ScriptedLoadableModuleTest):
     """Self-test: a phantom case in the scene, the logic with the embedded bundle, checks against the
-    phantom's own lesion mask and the input geometry."""
+    phantom's own lesion mask, the input geometry, the terminology, the table and plot, the slice jump
+    and a cancel. Without the Python dependencies (a Slicer without the extension's packages, e.g. on
+    the extension build machines) the detection parts are skipped with a message."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -653,8 +970,16 @@ class AnomalyDiffusionTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_bridge_decisions()
+        missing = missingDependencies()
+        if missing:
+            message = "AnomalyDiffusion self-test: detection skipped, missing Python packages: " + ", ".join(missing)
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
         self.setUp()
         self.test_detect_on_phantom()
+        self.setUp()
+        self.test_cancel_leaves_the_scene_unchanged()
 
     def test_bridge_decisions(self):
         bridge = _bridge()
@@ -666,6 +991,7 @@ class AnomalyDiffusionTest(ScriptedLoadableModuleTest):
     def test_detect_on_phantom(self):
         import numpy as np
 
+        bridge = _bridge()
         self.delayDisplay("Making a phantom case")
         flair, t2, truth = AnomalyDiffusionLogic().loadPhantomCase()
         self.delayDisplay("Detecting anomalies (embedded bundle; about a minute on CPU)")
@@ -673,12 +999,51 @@ class AnomalyDiffusionTest(ScriptedLoadableModuleTest):
         summary = logic.process(flair, t2, device="cpu", ensureDependencies=False)
         seg = slicer.mrmlScene.GetNodeByID(summary["nodes"]["segmentation"])
         heat = slicer.mrmlScene.GetNodeByID(summary["nodes"]["heatmap"])
+        table = slicer.mrmlScene.GetNodeByID(summary["nodes"]["table"])
+        chart = slicer.mrmlScene.GetNodeByID(summary["nodes"]["chart"])
         self.assertIsNotNone(seg)
         self.assertEqual(heat.GetImageData().GetDimensions(), flair.GetImageData().GetDimensions())
-        segmentId = seg.GetSegmentation().GetSegmentIdBySegmentName(_bridge().SEGMENT_NAME)
+        segmentId = seg.GetSegmentation().GetSegmentIdBySegmentName(bridge.SEGMENT_NAME)
+        segment = seg.GetSegmentation().GetSegment(segmentId)
+        self.assertEqual(segment.GetTerminology(), bridge.SEGMENT_TERMINOLOGY)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentId, flair) > 0
         lesion = slicer.util.arrayFromVolume(truth) > 0
         self.assertEqual(mask.shape, lesion.shape)
         overlap = np.logical_and(mask, lesion).sum()
         self.assertGreater(overlap, 0, "the segmentation does not touch the phantom's lesion")
+        # table: one row per axial slice, numbered; the plot's series use the slice number as X
+        self.assertEqual(table.GetNumberOfRows(), flair.GetImageData().GetDimensions()[2])
+        self.assertIsNotNone(table.GetTable().GetColumnByName(bridge.PLOT_X_COLUMN))
+        self.assertGreater(chart.GetNumberOfPlotSeriesNodes(), 0)
+        for i in range(chart.GetNumberOfPlotSeriesNodes()):
+            series = chart.GetNthPlotSeriesNode(i)
+            self.assertEqual(series.GetXColumnName(), bridge.PLOT_X_COLUMN)
+            self.assertEqual(series.GetPlotType(), slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        # the red slice view shows the most anomalous slice
+        target = bridge.jump_target(summary)
+        if target is not None:
+            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            self.assertAlmostEqual(red.GetSliceOffset(), target[2], delta=2.0)
+        # a second run keeps the first run's nodes
+        second = logic.process(flair, t2, device="cpu", methods=("dode",), ensureDependencies=False)
+        self.assertNotEqual(second["nodes"]["table"], summary["nodes"]["table"])
+        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(summary["nodes"]["table"]))
         self.delayDisplay(f"Test passed: {summary['verdict']}, overlap {int(overlap)} voxels")
+
+    def test_cancel_leaves_the_scene_unchanged(self):
+        flair, t2, _truth = AnomalyDiffusionLogic().loadPhantomCase()
+        logic = AnomalyDiffusionLogic()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        p = logic.consoleParameters(flairVolume=flair, t2Volume=t2, device="cpu")
+        process, run = logic.startDetection(p, ensureDependencies=False)
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll().fraction <= 0 and not process.done and time.monotonic() < deadline:
+                time.sleep(0.1)
+            process.cancel()
+            self.assertTrue(process.cancelled)
+            self.assertFalse(process.succeeded)
+        finally:
+            logic.cleanupRun(run)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.assertFalse(run["tempDir"].exists())

@@ -1,20 +1,29 @@
-"""Drive the module's panel (``AnomalyDiffusionPanel``) with a stub logic, outside Slicer.
+"""Drive the module's panel (``AnomalyDiffusionPanel``) and logic outside Slicer.
 
-Slicer, Qt and VTK are not importable here, so the few names the module file touches at import and
-in the panel are replaced by minimal stand-ins (``sys.modules`` entries); the panel's own behaviour
-— start, progress bar, success, failure message, cancel, clean-up, button states — is the real code.
+Slicer, Qt and VTK are not importable here, so the few names the module file touches are replaced by
+minimal stand-ins (``sys.modules`` entries, a small fake MRML scene); the module's own behaviour is
+the real code: start, progress bar, success, failure message and log, cancel, clean-up, button
+states, the device probe, the advanced settings' override semantics, the dependency install path of
+Slicer 5.10 (no ``slicer.packaging``) and 5.12, the Sample Data registration of both, outputs of
+two runs kept apart, the plot's X column, outputs saved with the scene, and the console API through
+``slicer.util.getModuleLogic``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.util
+import json
+import logging
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from AnomalyDiffusionLib import slicer_bridge
 from AnomalyDiffusionLib.slicer_bridge import ProgressState
 
 MODULE = Path(__file__).resolve().parents[1] / "AnomalyDiffusion" / "AnomalyDiffusion.py"
@@ -34,6 +43,10 @@ class _Widget:
         self.currentText = text
         self.connect = _Signal()
         self.values = []
+        self.attributes = []
+
+    def addAttribute(self, nodeType, name, value=None):
+        self.attributes.append((nodeType, name, value))
 
     def setVisible(self, v):
         self.visible = bool(v)
@@ -64,17 +77,177 @@ class _Timer:
         self.active = False
 
 
+class FakeArray:
+    def __init__(self):
+        self.name, self.values = None, []
+
+    def SetName(self, name):
+        self.name = name
+
+    def InsertNextValue(self, v):
+        self.values.append(v)
+
+
+class FakeNode:
+    """A scene node: ID, name, attributes, the few typed behaviours the module relies on; any other
+    method call is accepted and recorded in ``calls``."""
+
+    STORABLE = ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode")
+
+    def __init__(self, scene, cls, name):
+        self.scene, self.cls, self.name = scene, cls, name
+        self.id = f"{cls}{next(scene.counter)}"
+        self.attributes, self.calls = {}, []
+        self.storage = None
+        self.storableModified = 0
+        self.series_ids, self.columns = [], []
+        self.x = self.y = self.plotType = None
+        self.display = mock.MagicMock()
+        self.segmentation = mock.MagicMock()
+        self.image = mock.MagicMock()
+        self.image.GetScalarRange.return_value = (0.0, 2.0)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: self.calls.append((name, a))
+
+    def GetID(self):
+        return self.id
+
+    def GetName(self):
+        return self.name
+
+    def IsA(self, cls):
+        return cls == self.cls or (cls == "vtkMRMLStorableNode" and self.cls in self.STORABLE)
+
+    def SetAttribute(self, key, value):
+        self.attributes[key] = value
+
+    def GetAttribute(self, key):
+        return self.attributes.get(key)
+
+    def StorableModified(self):
+        self.storableModified += 1
+
+    def GetStorageNode(self):
+        return self.storage
+
+    def GetDisplayNode(self):
+        return self.display
+
+    def GetImageData(self):
+        return self.image
+
+    def GetSegmentation(self):
+        return self.segmentation
+
+    def WriteData(self, node):  # a storage node exporting an input volume
+        Path(self.fileName).write_bytes(b"")
+        return True
+
+    def SetFileName(self, name):
+        self.fileName = name
+
+    # charts, series, tables
+    def AddAndObservePlotSeriesNodeID(self, node_id):
+        self.series_ids.append(node_id)
+
+    def GetNumberOfPlotSeriesNodes(self):
+        return len(self.series_ids)
+
+    def GetNthPlotSeriesNode(self, i):
+        return self.scene.GetNodeByID(self.series_ids[i])
+
+    def SetXColumnName(self, c):
+        self.x = c
+
+    def SetYColumnName(self, c):
+        self.y = c
+
+    def GetYColumnName(self):
+        return self.y
+
+    def SetPlotType(self, t):
+        self.plotType = t
+
+    def AddColumn(self, arr):
+        self.columns.append(arr)
+
+    def RemoveAllColumns(self):
+        self.columns = []
+
+
+class FakeScene:
+    StartCloseEvent, EndCloseEvent = "StartCloseEvent", "EndCloseEvent"
+
+    def __init__(self):
+        import itertools
+
+        self.nodes, self.removed, self.counter = {}, [], itertools.count(1)
+
+    def AddNewNodeByClass(self, cls, name=""):
+        node = FakeNode(self, cls, name or cls)
+        self.nodes[node.id] = node
+        return node
+
+    def GenerateUniqueName(self, base):
+        names = {n.name for n in self.nodes.values()}
+        if base not in names:
+            return base
+        i = 1
+        while f"{base}_{i}" in names:
+            i += 1
+        return f"{base}_{i}"
+
+    def RemoveNode(self, node):  # as MRML: references to a removed node go with it
+        self.nodes.pop(node.id, None)
+        self.removed.append(node)
+        for other in self.nodes.values():
+            if other.storage is node:
+                other.storage = None
+
+    def GetNodeByID(self, node_id):
+        return self.nodes.get(node_id)
+
+    def byClass(self, cls):
+        return [n for n in self.nodes.values() if n.cls == cls]
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture()
-def module(monkeypatch):
+def module(monkeypatch, tmp_path):
     errors = []
+    scene = FakeScene()
 
     @contextlib.contextmanager
     def try_with_error_display(message=None, show=True, waitCursor=False):
         try:
             yield
-        except Exception as exc:
+        except Exception as exc:  # as Slicer's: shows the message, then re-raises
             errors.append(f"{message}\n{exc}")
             raise
+
+    def load_volume(path, props, cls="vtkMRMLScalarVolumeNode"):
+        node = scene.AddNewNodeByClass(cls, props["name"])
+        node.storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        node.storage.fileName = path
+        return node
+
+    widgets = {}
+
+    def get_module_logic(name):  # as slicer.util.getModuleLogic in v5.10.0 and v5.12.3
+        try:
+            logic = widgets[name].logic
+        except AttributeError:
+            logic = None
+        if not logic:
+            raise RuntimeError(f"Could not find module widget representation with name '{name}'")
+        return logic
 
     util = types.SimpleNamespace(
         VTKObservationMixin=type(
@@ -85,10 +258,30 @@ def module(monkeypatch):
         ),
         tryWithErrorDisplay=try_with_error_display,
         errorDisplay=lambda text, **k: errors.append(text),
+        loadVolume=load_volume,
+        loadLabelVolume=lambda path, props: load_volume(path, props, "vtkMRMLLabelMapVolumeNode"),
+        getNodesByClass=scene.byClass,
+        setSliceViewerLayers=lambda **k: None,
+        tempDirectory=lambda key: str(_mkdir(tmp_path / key)),
+        startupEnvironment=lambda: {"PATH": "/usr/bin"},
+        getModuleLogic=get_module_logic,
+        confirmOkCancelDisplay=lambda text, **k: True,
+        pip_install=mock.MagicMock(),
+        WaitCursor=contextlib.nullcontext,
+        createProgressDialog=lambda **k: mock.MagicMock(),
+        loadUI=lambda path: mock.MagicMock(),
+        childWidgetVariables=lambda w: _ui(),
     )  # fmt: skip
     slicer = types.ModuleType("slicer")
     slicer.util = util
-    slicer.app = types.SimpleNamespace(connect=lambda *a: None)
+    slicer.app = types.SimpleNamespace(connect=lambda *a: None, processEvents=lambda: None, cachePath=str(tmp_path))
+    slicer.mrmlScene = scene
+    slicer.modules = mock.MagicMock()
+    slicer.vtkMRMLSubjectHierarchyNode = mock.MagicMock()
+    slicer.vtkMRMLSliceNode = mock.MagicMock()
+    slicer.vtkMRMLPlotSeriesNode = types.SimpleNamespace(
+        PlotTypeLine="Line", PlotTypeScatter="Scatter", LineStyleSolid="Solid", MarkerStyleNone="NoMarker"
+    )
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
         setattr(slicer, name, type(name, (), {}))
     i18n = types.ModuleType("slicer.i18n")
@@ -98,15 +291,28 @@ def module(monkeypatch):
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = pnw.WithinRange = lambda *a: None
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):  # fmt: skip
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.layout = mock.MagicMock()
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, name):
+            return name
+
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
     util_mod = types.ModuleType("slicer.util")
     util_mod.VTKObservationMixin = util.VTKObservationMixin
     qt = types.ModuleType("qt")
     qt.QTimer = _Timer
+    qt.QFileDialog = types.SimpleNamespace(getExistingDirectory=lambda *a: "/data/bundles/mine")
     vtk = types.ModuleType("vtk")
     vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="ModifiedEvent")
+    vtk.vtkIntArray = vtk.vtkDoubleArray = vtk.vtkStringArray = FakeArray
     stubs = {"slicer": slicer, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
              "slicer.ScriptedLoadableModule": slm, "slicer.util": util_mod, "qt": qt, "vtk": vtk}  # fmt: skip
     for name, mod in stubs.items():
@@ -115,15 +321,17 @@ def module(monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod._test_errors = errors
+    mod._test_scene = scene
+    mod._test_widgets = widgets
     return mod
 
 
 class FakeProcess:
     """Reports the given fractions, then ends with ``rc``."""
 
-    def __init__(self, fractions, rc=0, error=None):
+    def __init__(self, fractions, rc=0, error=None, output=""):
         self.fractions = list(fractions)
-        self.rc, self.error = rc, error
+        self.rc, self.error, self.output = rc, error, output
         self.returncode = None
         self.cancelled = False
         self.state = ProgressState()
@@ -134,6 +342,11 @@ class FakeProcess:
             self.state.status = f"Segmenting (AnoFPDM): {self.state.fraction:.2f}"
         elif self.returncode is None:
             self.returncode = self.rc
+        return self.state
+
+    def wait(self, progress=None, **k):
+        while not self.done:
+            self.poll()
         return self.state
 
     @property
@@ -147,20 +360,43 @@ class FakeProcess:
     def error_message(self):
         return "cancelled" if self.cancelled else self.error
 
+    def output_text(self):
+        return self.output
+
     def cancel(self):
         self.cancelled = True
         self.returncode = -15
 
 
-class FakeLogic:
-    def __init__(self, process):
-        self.process = process
-        self.loaded = self.cleaned = 0
-        self.params = types.SimpleNamespace(flairVolume="F", t2Volume="T", connectGui=lambda ui: 1,
-                                            disconnectGui=lambda tag: None)  # fmt: skip
+class FakeProbe(FakeProcess):
+    pass
 
-    def detectedDevice(self):
+
+def _params(**kw):
+    values = dict(flairVolume="F", t2Volume="T", bundleSource="Embedded default", bundlePath=Path(), bundleUrl="",
+                  bundleChecksum="", guidance=5.0,
+                  earlyStop=False, stride=30, decisionThreshold=0.0, shownSettings="",
+                  connectGui=lambda ui: 1, disconnectGui=lambda tag: None)  # fmt: skip
+    values.update(kw)
+    return types.SimpleNamespace(**values)
+
+
+class FakeLogic:
+    def __init__(self, process, settings=None):
+        self.process = process
+        self.settings = settings
+        self.loaded = self.cleaned = self.probes = 0
+        self.params = _params()
+
+    def startDeviceProbe(self):
+        self.probes += 1
+        return FakeProbe([])
+
+    def deviceLabel(self, probe):
         return "CPU only (no CUDA GPU found)"
+
+    def bundleSettings(self, p):
+        return self.settings
 
     def getParameterNode(self):
         return self.params
@@ -182,10 +418,20 @@ class FakeLogic:
 
 def _ui():
     names = ("applyButton", "cancelButton", "bundleSourceComboBox", "progressBar", "deviceLabel", "statusLabel",
-             "bundlePathLineEdit", "bundleUrlLineEdit", "bundleChecksumLineEdit")  # fmt: skip
+             "bundlePathLineEdit", "bundleUrlLineEdit", "bundleChecksumLineEdit", "bundleFolderButton",
+             "heatmapSelector")  # fmt: skip
     ui = types.SimpleNamespace(**{n: _Widget() for n in names})
     ui.bundleSourceComboBox.currentText = "Embedded default"
     return ui
+
+
+def _panel(module, logic):
+    """A panel whose device probe has finished."""
+    ui = _ui()
+    panel = module.AnomalyDiffusionPanel(ui, logic)
+    panel._pollProbe()
+    panel._pollProbe()
+    return ui, panel
 
 
 def _run_to_end(panel, limit=50):
@@ -197,8 +443,8 @@ def _run_to_end(panel, limit=50):
 
 
 def test_success_updates_progress_loads_results_and_cleans_up(module):
-    ui, logic = _ui(), FakeLogic(FakeProcess([0.1, 0.4, 0.9, 1.0]))
-    panel = module.AnomalyDiffusionPanel(ui, logic)
+    logic = FakeLogic(FakeProcess([0.1, 0.4, 0.9, 1.0]))
+    ui, panel = _panel(module, logic)
     panel.initializeParameterNode()
     assert ui.deviceLabel.text.startswith("CPU only") and ui.applyButton.enabled
     assert not ui.bundlePathLineEdit.visible and not ui.bundleUrlLineEdit.visible
@@ -211,20 +457,23 @@ def test_success_updates_progress_loads_results_and_cleans_up(module):
     assert ui.applyButton.enabled and not ui.cancelButton.enabled and not ui.progressBar.visible
 
 
-def test_failure_shows_the_cli_message_and_loads_nothing(module):
-    ui, logic = _ui(), FakeLogic(FakeProcess([0.2], rc=2, error="FLAIR file not found: 'x'"))
-    panel = module.AnomalyDiffusionPanel(ui, logic)
+def test_failure_shows_the_cli_message_and_loads_nothing(module, caplog):
+    caplog.set_level(logging.INFO)
+    logic = FakeLogic(FakeProcess([0.2], rc=2, error="FLAIR file not found: 'x'", output="Traceback ...\nline 2"))
+    ui, panel = _panel(module, logic)
     panel.initializeParameterNode()
     panel.onApply()
     _run_to_end(panel)
     assert logic.loaded == 0 and logic.cleaned == 1
     assert ui.statusLabel.text == "Failed: FLAIR file not found: 'x'"
     assert module._test_errors == ["Anomaly detection failed:\nFLAIR file not found: 'x'"]
+    # the whole output reaches Slicer's log, not only the status line
+    assert "Traceback ...\nline 2" in caplog.text and "FLAIR file not found" in caplog.text
 
 
 def test_cancel_leaves_the_scene_untouched(module):
-    ui, logic = _ui(), FakeLogic(FakeProcess([0.1, 0.2, 0.3, 0.4, 0.5]))
-    panel = module.AnomalyDiffusionPanel(ui, logic)
+    logic = FakeLogic(FakeProcess([0.1, 0.2, 0.3, 0.4, 0.5]))
+    ui, panel = _panel(module, logic)
     panel.initializeParameterNode()
     panel.onApply()
     panel._poll()
@@ -235,22 +484,346 @@ def test_cancel_leaves_the_scene_untouched(module):
 
 
 def test_apply_needs_both_volumes(module):
-    ui, logic = _ui(), FakeLogic(FakeProcess([]))
+    logic = FakeLogic(FakeProcess([]))
     logic.params.t2Volume = None
-    panel = module.AnomalyDiffusionPanel(ui, logic)
+    ui, panel = _panel(module, logic)
     panel.initializeParameterNode()
     assert not ui.applyButton.enabled
 
 
 def test_start_failure_reaches_the_error_display(module):
-    ui, logic = _ui(), FakeLogic(FakeProcess([]))
+    logic = FakeLogic(FakeProcess([]))
 
     def boom(p):
         raise RuntimeError("Model bundle not found: 'x'")
 
     logic.startDetection = boom
-    panel = module.AnomalyDiffusionPanel(ui, logic)
+    _, panel = _panel(module, logic)
     panel.initializeParameterNode()
     with pytest.raises(RuntimeError):
         panel.onApply()
     assert panel._run is None and "Model bundle not found" in module._test_errors[0]
+
+
+# ------------------------------------------------------------------------------- device probe
+def test_device_comes_from_the_cli_probe_and_is_refreshed_after_a_run(module):
+    logic = FakeLogic(FakeProcess([1.0]))
+    logic.deviceLabel = lambda probe: "PyTorch not installed yet (installed on first run)"
+    ui = _ui()
+    panel = module.AnomalyDiffusionPanel(ui, logic)
+    assert ui.deviceLabel.text == "Checking…" and panel._probeTimer.active and logic.probes == 1
+    panel._pollProbe()
+    panel._pollProbe()
+    assert ui.deviceLabel.text.startswith("PyTorch not installed") and not panel._probeTimer.active
+    panel.initializeParameterNode()
+    logic.deviceLabel = lambda probe: "GPU: Test GPU"
+    panel.onApply()
+    _run_to_end(panel)
+    assert logic.probes == 2  # the run installed PyTorch: asked again
+    panel._pollProbe()
+    panel._pollProbe()
+    assert ui.deviceLabel.text == "GPU: Test GPU"
+
+
+def test_device_probe_runs_info_json_in_a_child_process(module, monkeypatch):
+    started = []
+    monkeypatch.setattr(slicer_bridge, "DetectProcess", lambda cmd, env=None, cwd=None: started.append(cmd) or "p")
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "pythonExecutable", staticmethod(lambda: "/s/PythonSlicer"))
+    assert module.AnomalyDiffusionLogic().startDeviceProbe() == "p"
+    assert started == [["/s/PythonSlicer", "-m", "AnomalyDiffusionLib.cli", "--progress", "none", "info", "--json"]]
+
+
+# ------------------------------------------------------------------------------ override box
+BUNDLE = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.32}
+
+
+def test_advanced_box_shows_the_bundles_values(module):
+    logic = FakeLogic(FakeProcess([]), settings=BUNDLE)
+    logic.params = _params(guidance=2.0, stride=10)  # a previous session's values
+    _, panel = _panel(module, logic)
+    panel.initializeParameterNode()
+    p = logic.params
+    assert (p.guidance, p.earlyStop, p.stride, p.decisionThreshold) == (5.0, False, 30, 7.32)
+    assert json.loads(p.shownSettings) == BUNDLE
+    # re-entering the module keeps the user's edits
+    p.stride = 12
+    panel.initializeParameterNode()
+    assert p.stride == 12
+    # an unrelated change keeps them; another bundle shows its values
+    logic.settings = dict(BUNDLE, stride=20)
+    panel._onParameterNodeModified()
+    assert p.stride == 12
+    p.bundleSource, p.bundlePath = "Local file or folder", Path("/b2")
+    panel._onParameterNodeModified()
+    assert p.stride == 20 and json.loads(p.shownSettings)["stride"] == 20
+
+
+def test_only_changed_settings_are_overridden(module):
+    logic = module.AnomalyDiffusionLogic()
+    p = _params(guidance=5.0, earlyStop=False, stride=10, decisionThreshold=7.32, shownSettings=json.dumps(BUNDLE))
+    assert logic.overrides(p, None) == {"stride": 10}
+    p.guidance, p.earlyStop = 3.0, True
+    assert logic.overrides(p, None) == {"w": 3.0, "early_stop": True, "stride": 10}
+    p = _params(guidance=5.0, earlyStop=False, stride=30, decisionThreshold=7.32, shownSettings=json.dumps(BUNDLE))
+    assert logic.overrides(p, None) == {}
+
+
+def test_without_shown_values_the_run_compares_with_the_bundle_itself(module, tmp_path):
+    manifest = {"fpdm": {"settings": {"w": 4.0, "stride": 25, "early_stop": True}, "calibration": {"w": 4.0}},
+                "dode": {"decision_threshold": 6.5}}  # fmt: skip
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    logic = module.AnomalyDiffusionLogic()
+    p = _params(guidance=4.0, earlyStop=True, stride=25, decisionThreshold=6.5, shownSettings="")
+    assert logic.overrides(p, str(bundle)) == {}
+    p.guidance = 5.0
+    assert logic.overrides(p, str(bundle)) == {"w": 5.0}
+
+
+def test_embedded_bundle_settings_are_its_manifests(module):
+    logic = module.AnomalyDiffusionLogic()
+    path = logic.embeddedBundlePath()
+    manifest = json.loads((path / "manifest.json").read_text())
+    got = logic.bundleSettings(_params())
+    assert got["stride"] == manifest["fpdm"]["settings"]["stride"]
+    assert got["w"] == manifest["fpdm"]["calibration"]["w"]
+    assert got["dode_threshold"] == manifest["dode"]["decision_threshold"]
+
+
+def test_folder_button_sets_the_bundle_path(module):
+    logic = FakeLogic(FakeProcess([]))
+    ui, panel = _panel(module, logic)
+    panel.initializeParameterNode()
+    ui.bundleSourceComboBox.currentText = "Local file or folder"
+    panel._updateBundleWidgets()
+    assert ui.bundleFolderButton.visible and ui.bundlePathLineEdit.visible
+    panel.onChooseBundleFolder()
+    assert logic.params.bundlePath == Path("/data/bundles/mine")
+
+
+def test_heatmap_selector_offers_only_module_heatmaps(module):
+    ui, _ = _panel(module, FakeLogic(FakeProcess([])))
+    assert ui.heatmapSelector.attributes == [("vtkMRMLScalarVolumeNode", module.OUTPUT_ROLE_ATTRIBUTE, "heatmap")]
+
+
+def test_status_line_shows_the_runs_warnings(module):
+    logic = FakeLogic(FakeProcess([1.0]))
+    summary = logic.loadResults(None, None)
+    logic.loadResults = lambda run, p: dict(summary, warnings=["w 3.0 differs from the calibrated w 5.0"])
+    ui, panel = _panel(module, logic)
+    panel.initializeParameterNode()
+    panel.onApply()
+    _run_to_end(panel)
+    assert ui.statusLabel.text.endswith("warning: w 3.0 differs from the calibrated w 5.0")
+
+
+# ------------------------------------------------------------------------------- dependencies
+@pytest.fixture()
+def torch_installed(monkeypatch):
+    torch_logic = mock.MagicMock()
+    torch_logic.torchInstalled.return_value = True
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: torch_logic))
+    return torch_logic
+
+
+def test_slicer_5_10_installs_missing_requirements_with_pip_install(module, monkeypatch, torch_installed):
+    """No ``slicer.packaging`` (5.10): the library's own requirement check, then ``pip_install``."""
+    assert not module._hasSlicerPackaging()
+    answers = [["nilearn==0.14.1", "timm>=1.0,<2"], []]
+    seen = []
+
+    def missing(lines, skip=()):
+        seen.append((list(lines), list(skip)))
+        return answers.pop(0)
+
+    monkeypatch.setattr(slicer_bridge, "missing_requirements", missing)
+    module.AnomalyDiffusionLogic().ensureDependencies()
+    sys.modules["slicer"].util.pip_install.assert_called_once_with(["nilearn==0.14.1", "timm>=1.0,<2"])
+    assert "timm>=1.0,<2" in seen[0][0] and "torch" in seen[0][1] and len(seen) == 2
+
+
+def test_slicer_5_10_declined_install_is_an_error(module, monkeypatch, torch_installed):
+    monkeypatch.setattr(slicer_bridge, "missing_requirements", lambda lines, skip=(): ["nilearn==0.14.1"])
+    sys.modules["slicer"].util.confirmOkCancelDisplay = lambda text, **k: False
+    with pytest.raises(RuntimeError, match="not installed"):
+        module.AnomalyDiffusionLogic().ensureDependencies()
+    sys.modules["slicer"].util.pip_install.assert_not_called()
+
+
+def test_slicer_5_10_failed_install_is_an_error(module, monkeypatch, torch_installed):
+    monkeypatch.setattr(slicer_bridge, "missing_requirements", lambda lines, skip=(): ["nilearn==0.14.1"])
+    with pytest.raises(RuntimeError, match="nilearn"):
+        module.AnomalyDiffusionLogic().ensureDependencies()
+
+
+def test_slicer_5_12_uses_pip_ensure(module, monkeypatch, torch_installed):
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.__spec__ = importlib.machinery.ModuleSpec("slicer.packaging", None)
+    packaging.load_requirements = lambda path: ["REQS from " + Path(path).name]
+    packaging.pip_ensure = mock.MagicMock()
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    sys.modules["slicer"].packaging = packaging
+    assert module._hasSlicerPackaging()
+    module.AnomalyDiffusionLogic().ensureDependencies()
+    args, kwargs = packaging.pip_ensure.call_args
+    assert args == (["REQS from requirements.txt"],) and "torch" in kwargs["skip_packages"]
+    sys.modules["slicer"].util.pip_install.assert_not_called()
+
+
+def test_pytorch_is_installed_through_the_pytorch_extension(module, monkeypatch, torch_installed):
+    torch_installed.torchInstalled.return_value = False
+    torch_installed.installTorch.return_value = None  # declined
+    with pytest.raises(RuntimeError, match="PyTorch"):
+        module.AnomalyDiffusionLogic().ensureDependencies()
+    assert torch_installed.installTorch.call_args.kwargs["askConfirmation"] is True
+
+
+# -------------------------------------------------------------------------------- sample data
+def _sample_data(with_categories):
+    registered = {"sources": [], "categories": []}
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(**kw):
+            registered["sources"].append(kw)
+
+    if with_categories:
+        SampleDataLogic.registerCustomSampleDataCategory = staticmethod(
+            lambda category, title: registered["categories"].append((category, title))
+        )
+    return types.SimpleNamespace(SampleDataLogic=SampleDataLogic), registered
+
+
+@pytest.mark.parametrize("with_categories", [False, True], ids=["5.10", "5.12"])
+def test_sample_data_registers_on_both_versions(module, monkeypatch, with_categories):
+    sample_data, registered = _sample_data(with_categories)
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    (source,) = registered["sources"]
+    assert source["category"] == module.SAMPLE_CATEGORY and source["customDownloader"] is module.downloadPhantomSample
+    assert registered["categories"] == ([(module.SAMPLE_CATEGORY, "Anomaly Diffusion")] if with_categories else [])
+
+
+def test_sample_download_ensures_dependencies_and_shows_failures(module, monkeypatch):
+    calls = []
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "ensureDependencies", lambda self: calls.append("deps"))
+
+    def phantom(self, tick=None):
+        calls.append("phantom")
+        tick()
+        raise RuntimeError("phantom: nilearn missing")
+
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "loadPhantomCase", phantom)
+    assert module.downloadPhantomSample(None) == []
+    assert calls == ["deps", "phantom"]
+    assert module._test_errors == ["The phantom sample could not be made.\nphantom: nilearn missing"]
+
+
+# ------------------------------------------------------------------------- results in the scene
+def _write_outputs(out, n_slices=4):
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"verdict": "anomalous", "outputs": {"segmentation": "seg.nrrd", "heatmap": "heat.nrrd"},
+               "most_anomalous_slice": {"slice": 2, "center_ras_mm": [0, 0, 3]}}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary))
+    rows = ["slice,dode_score,lesion_area_mm2"] + [f"{i + 10},{i * 0.5},{i * 2}" for i in range(n_slices)]
+    (out / "slices.csv").write_text("\n".join(rows) + "\n")
+
+
+def _run(module, tmp_path, name, outputs=None):
+    scene = module._test_scene
+    flair = scene.byClass("vtkMRMLScalarVolumeNode")[0] if scene.byClass("vtkMRMLScalarVolumeNode") else None
+    if flair is None:
+        flair = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient FLAIR")
+    out = tmp_path / name
+    _write_outputs(out)
+    request = slicer_bridge.DetectRequest(inputs={"flair": "f", "t2": "t"}, out_dir=str(out))
+    return module.AnomalyDiffusionLogic().loadResults(
+        {"tempDir": out, "request": request, "flair": flair, "outputs": outputs or {}}
+    )
+
+
+def test_two_runs_keep_two_results(module, tmp_path):
+    scene = module._test_scene
+    first = _run(module, tmp_path, "run1")
+    second = _run(module, tmp_path, "run2")
+    for kind in ("segmentation", "heatmap", "table", "chart"):
+        assert first["nodes"][kind] != second["nodes"][kind], kind
+        assert scene.GetNodeByID(first["nodes"][kind]) is not None, kind
+    names = [scene.GetNodeByID(r["nodes"]["heatmap"]).GetName() for r in (first, second)]
+    assert names == ["Patient FLAIR anomaly heatmap", "Patient FLAIR anomaly heatmap_1"]
+    assert len(scene.byClass("vtkMRMLPlotChartNode")) == 2
+    assert len(scene.byClass("vtkMRMLPlotSeriesNode")) == 4  # two series per chart
+
+
+def test_a_picked_table_is_reused_with_its_chart_not_duplicated(module, tmp_path):
+    scene = module._test_scene
+    first = _run(module, tmp_path, "run1")
+    table = scene.GetNodeByID(first["nodes"]["table"])
+    again = _run(module, tmp_path, "run2", outputs={"table": table})
+    assert again["nodes"]["table"] == table.GetID() and again["nodes"]["chart"] == first["nodes"]["chart"]
+    assert len(scene.byClass("vtkMRMLPlotChartNode")) == 1 and len(scene.byClass("vtkMRMLPlotSeriesNode")) == 2
+    assert again["nodes"]["heatmap"] != first["nodes"]["heatmap"]  # not picked: a new one
+
+
+def test_plot_uses_the_slice_number_as_x(module, tmp_path):
+    scene = module._test_scene
+    result = _run(module, tmp_path, "run1")
+    chart = scene.GetNodeByID(result["nodes"]["chart"])
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert {s.y for s in series} == {"dode_score", "lesion_area_mm2"}
+    assert all(s.x == "slice" and s.plotType == "Scatter" for s in series)  # a line plot ignores X
+    table = scene.GetNodeByID(result["nodes"]["table"])
+    assert table.columns[0].name == "slice" and table.columns[0].values == [10, 11, 12, 13]
+
+
+def test_outputs_are_saved_with_the_scene(module, tmp_path):
+    scene = module._test_scene
+    result = _run(module, tmp_path, "run1")
+    heat = scene.GetNodeByID(result["nodes"]["heatmap"])
+    # the temporary file's storage node is gone: Save writes the volume instead of pointing at it
+    assert heat.GetStorageNode() is None
+    assert any(n.cls == "vtkMRMLVolumeArchetypeStorageNode" for n in scene.removed)
+    for kind in ("segmentation", "heatmap", "table"):
+        assert scene.GetNodeByID(result["nodes"][kind]).storableModified > 0, kind
+    # the heatmap is transparent below its lower threshold
+    heat.display.SetApplyThreshold.assert_called_with(1)
+    heat.display.SetLowerThreshold.assert_called_once_with(0.1)
+
+
+# ------------------------------------------------------------------------------ console API
+def test_console_api_through_get_module_logic(module, monkeypatch, tmp_path):
+    """``slicer.util.getModuleLogic("AnomalyDiffusion").process(...)``: the widget exposes its logic,
+    the run does not change the panel's parameter node, and the outputs land in the scene."""
+    scene = module._test_scene
+    gui_params = _params(flairVolume=None, t2Volume=None)
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "getParameterNode", lambda self: gui_params)
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "pythonExecutable", staticmethod(lambda: sys.executable))
+    module.AnomalyDiffusionLogic.startDeviceProbe = lambda self: FakeProbe([])
+    module.AnomalyDiffusionLogic.deviceLabel = lambda self, probe: "CPU only"
+    widget = module.AnomalyDiffusionWidget()
+    module._test_widgets["AnomalyDiffusion"] = widget
+    with pytest.raises(RuntimeError):  # before setup, as in Slicer: no logic yet
+        sys.modules["slicer"].util.getModuleLogic("AnomalyDiffusion")
+    widget.setup()
+    logic = sys.modules["slicer"].util.getModuleLogic("AnomalyDiffusion")
+    assert isinstance(logic, module.AnomalyDiffusionLogic) and logic is widget.panel.logic
+
+    commands = []
+
+    def fake_process(command, env=None, cwd=None):
+        commands.append(command)
+        _write_outputs(Path(command[command.index("--out") + 1]))
+        return FakeProcess([0.5, 1.0])
+
+    monkeypatch.setattr(slicer_bridge, "DetectProcess", fake_process)
+    flair = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Console FLAIR")
+    t2 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Console T2")
+    summary = logic.process(flair, t2, device="cpu", ensureDependencies=False)
+    (command,) = commands
+    assert command[command.index("--device") + 1] == "cpu"
+    assert not {"--w", "--stride", "--early-stop", "--dode-threshold"} & set(command)  # the bundle's values
+    assert set(summary["nodes"]) == {"segmentation", "heatmap", "table", "chart"}
+    assert all(scene.GetNodeByID(i) is not None for i in summary["nodes"].values())
+    assert scene.GetNodeByID(summary["nodes"]["heatmap"]).GetName() == "Console FLAIR anomaly heatmap"
+    assert gui_params.flairVolume is None and gui_params.t2Volume is None  # the panel's choice untouched

@@ -637,14 +637,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             if node is None:
                 continue
             path = tempDir / f"{name}.nrrd"
-            storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-            try:
-                storage.SetFileName(str(path))
-                storage.UseCompressionOff()
-                if not storage.WriteData(node):
-                    raise RuntimeError(_("Could not export {name}").format(name=node.GetName()))
-            finally:
-                slicer.mrmlScene.RemoveNode(storage)
+            self._exportInFlairFrame(node, p.flairVolume, path)
             inputs[name] = str(path)
         bundle = self.bundleLocation(p)
         changed = self.overrides(p, bundle)
@@ -672,6 +665,39 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             "table": p.outputTable,
         }  # the user's picks at the start of the run; None: a new node
         return process, {"tempDir": tempDir, "request": request, "flair": p.flairVolume, "outputs": outputs}
+
+    @staticmethod
+    def _exportInFlairFrame(node, flair, path) -> None:
+        """Write ``node`` as NRRD in the FLAIR's own coordinate frame: a (linear) transform between
+        its parent transform and the FLAIR's, e.g. a T2 registered to the FLAIR, is applied to the
+        written geometry; the outputs are placed under the FLAIR's parent transform."""
+        export = node
+        if node is not flair and (node.GetParentTransformNode() or flair.GetParentTransformNode()):
+            toFlair = vtk.vtkGeneralTransform()
+            slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+                node.GetParentTransformNode(), flair.GetParentTransformNode(), toFlair
+            )
+            linear = vtk.vtkTransform()
+            if not slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(toFlair, linear):
+                raise ValueError(
+                    _("{name} is under a non-linear transform relative to the FLAIR: harden it first").format(
+                        name=node.GetName()
+                    )
+                )
+            export = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "__AnomalyDiffusionExport__")
+            export.SetAndObserveImageData(node.GetImageData())  # shared, not copied
+            export.CopyOrientation(node)
+            export.ApplyTransformMatrix(linear.GetMatrix())
+        storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storage.SetFileName(str(path))
+            storage.UseCompressionOff()
+            if not storage.WriteData(export):
+                raise RuntimeError(_("Could not export {name}").format(name=node.GetName()))
+        finally:
+            slicer.mrmlScene.RemoveNode(storage)
+            if export is not node:
+                slicer.mrmlScene.RemoveNode(export)
 
     def cleanupRun(self, run) -> None:
         if not self.keepTemporaryFiles:
@@ -703,6 +729,8 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
                 continue
             node.SetAttribute(OUTPUT_ROLE_ATTRIBUTE, role)
             shNode.SetItemParent(shNode.GetItemByDataNode(node), parentItem)
+            if role in ("segmentation", "heatmap"):  # on the FLAIR's grid: under the FLAIR's transform
+                node.SetAndObserveTransformNodeID(flair.GetTransformNodeID())
             if node.IsA("vtkMRMLStorableNode"):
                 node.StorableModified()  # saved with the scene like any node the user made
         target = bridge.jump_target(summary)

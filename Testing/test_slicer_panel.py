@@ -827,3 +827,52 @@ def test_console_api_through_get_module_logic(module, monkeypatch, tmp_path):
     assert all(scene.GetNodeByID(i) is not None for i in summary["nodes"].values())
     assert scene.GetNodeByID(summary["nodes"]["heatmap"]).GetName() == "Console FLAIR anomaly heatmap"
     assert gui_params.flairVolume is None and gui_params.t2Volume is None  # the panel's choice untouched
+
+
+# ------------------------------------------------------------------------- parent transforms
+def _transformed(scene, name, transform):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.GetParentTransformNode = lambda: transform
+    node.GetTransformNodeID = lambda: getattr(transform, "id", None)
+    return node
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_inputs_are_exported_in_the_flairs_frame(module, tmp_path, monkeypatch, linear):
+    scene = module._test_scene
+    slicer = sys.modules["slicer"]
+    sys.modules["vtk"].vtkGeneralTransform = sys.modules["vtk"].vtkTransform = mock.MagicMock
+    between = []
+    slicer.vtkMRMLTransformNode = types.SimpleNamespace(
+        GetTransformBetweenNodes=lambda a, b, out: between.append((a, b)),
+        IsGeneralTransformLinear=lambda t, out: linear,
+    )
+    flair = _transformed(scene, "FLAIR", scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "toWorld"))
+    t2 = _transformed(scene, "T2", scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration"))
+    written = []
+    monkeypatch.setattr(FakeNode, "WriteData", lambda self, node: written.append(node) or True)
+    logic = module.AnomalyDiffusionLogic()
+    logic._exportInFlairFrame(flair, flair, tmp_path / "flair.nrrd")
+    assert written == [flair] and between == []  # the FLAIR as it is
+    if not linear:
+        with pytest.raises(ValueError, match="harden"):
+            logic._exportInFlairFrame(t2, flair, tmp_path / "t2.nrrd")
+        return
+    logic._exportInFlairFrame(t2, flair, tmp_path / "t2.nrrd")
+    export = written[-1]
+    assert export is not t2 and between == [(t2.GetParentTransformNode(), flair.GetParentTransformNode())]
+    assert [c[0] for c in export.calls if c[0] in ("CopyOrientation", "ApplyTransformMatrix")] == [
+        "CopyOrientation",
+        "ApplyTransformMatrix",
+    ]
+    assert export.GetID() not in scene.nodes  # the temporary node is gone
+
+
+def test_outputs_follow_the_flairs_transform(module, tmp_path):
+    scene = module._test_scene
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "toWorld")
+    _transformed(scene, "Patient FLAIR", transform)
+    result = _run(module, tmp_path, "run1")
+    for kind in ("segmentation", "heatmap"):
+        calls = scene.GetNodeByID(result["nodes"][kind]).calls
+        assert ("SetAndObserveTransformNodeID", (transform.id,)) in calls, kind

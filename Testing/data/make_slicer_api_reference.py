@@ -154,6 +154,7 @@ def reference(repo: str, ref: str) -> dict:
         "vtkMRMLScalarVolumeDisplayNode",
         "vtkMRMLScene",
         "vtkMRMLNode",
+        "vtkMRMLTransformNode",
     ):
         path = next(f for f in files if f.endswith(f"/{cls}.h"))
         members[cls] = sorted(set(re.findall(r"\b([A-Za-z_]\w*)\b", show(path))))

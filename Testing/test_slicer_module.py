@@ -181,6 +181,22 @@ def test_in_slicer_script_uses_existing_names(tag):
             ("slicer", "util", "exit")} <= used  # fmt: skip
 
 
+@pytest.mark.parametrize("tag", SUPPORTED)
+def test_slicer_util_keywords_exist(tree, tag):
+    """Every keyword argument passed to a ``slicer.util`` function is one it takes in that release."""
+    params = VERSIONS[tag]["slicer_util_parameters"]
+    checked = 0
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and n.keywords and isinstance(n.func, ast.Attribute):
+            c = _chain(n.func)
+            if c and c[:2] == ("slicer", "util") and len(c) == 3 and c[2] in params:
+                accepted = params[c[2]]
+                bad = [k.arg for k in n.keywords if k.arg not in accepted and "**" not in accepted]
+                assert not bad, (c[2], bad)
+                checked += 1
+    assert checked >= 3
+
+
 def test_newer_names_are_behind_a_check(tree):
     """The 5.12-only names the module uses sit behind a check that is false on 5.10."""
     old, new = VERSIONS["v5.10.0"], VERSIONS["v5.12.3"]

@@ -6,14 +6,14 @@ built), plus the PyTorch extension's ``PyTorchUtils`` API.
   python Testing/data/make_slicer_api_reference.py /path/to/Slicer.git v5.10.0 v5.12.3 \
       --pytorch /path/to/SlicerPyTorch.git > Testing/data/slicer_api_reference.json
 
-Per tag: public names of ``slicer.util`` / ``slicer.packaging`` (empty where the tag has none) /
-``slicer.parameterNodeWrapper``, ``slicer.*`` top-level names (including every vtkMRML*/vtkSlicer*
-class defined in a header), module names reachable as ``slicer.modules.<name>`` (Loadable and
-Scripted modules, lower-cased), every ``qt.*``, ``ctk.*`` and ``vtk.*`` attribute that Slicer's own
-Python code uses (evidence that PythonQt / VTK expose it), every widget class used in Slicer's .ui
-files, the Qt/CTK/MRML widget class names from headers, the identifiers declared in the headers of
-the MRML classes whose members the module calls, the extension template's CMake version range, the
-``SampleData`` module's functions and
+Per tag: public names of ``slicer.util`` (and its functions' parameters) / ``slicer.packaging``
+(empty where the tag has none) / ``slicer.parameterNodeWrapper``, ``slicer.*`` top-level names
+(including every vtkMRML*/vtkSlicer* class defined in a header), module names reachable as
+``slicer.modules.<name>`` (Loadable and Scripted modules, lower-cased), every ``qt.*``, ``ctk.*``
+and ``vtk.*`` attribute that Slicer's own Python code uses (evidence that PythonQt / VTK expose it),
+every widget class used in Slicer's .ui files, the Qt/CTK/MRML widget class names from headers, the
+identifiers declared in the headers of the MRML classes whose members the module calls, the
+extension template's CMake version range, the ``SampleData`` module's functions and
 ``SampleDataLogic`` methods (with their parameters), and how ``slicer.util.getModuleLogic`` finds a
 scripted module's logic (the attribute it reads on the module widget).
 """
@@ -59,6 +59,16 @@ def class_methods(src: str, cls: str) -> dict[str, list[str]]:
     return out
 
 
+def function_parameters(src: str) -> dict[str, list[str]]:
+    """``{function: [parameter names]}`` of a module's public top-level functions; ``"**"`` is listed
+    when it takes arbitrary keywords."""
+    out = {}
+    for f in ast.parse(src).body:
+        if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"):
+            out[f.name] = [a.arg for a in f.args.args + f.args.kwonlyargs] + (["**"] if f.args.kwarg else [])
+    return out
+
+
 def module_logic_attribute(util_src: str) -> str | None:
     """The attribute ``getModuleLogic`` reads on a scripted module's widget (``getModuleGui(m).X``)."""
     fn = next(n for n in ast.parse(util_src).body if isinstance(n, ast.FunctionDef) and n.name == "getModuleLogic")
@@ -80,6 +90,7 @@ def reference(repo: str, ref: str) -> dict:
     ref_json: dict = {"source": {"repo": "Slicer/Slicer", "ref": ref, "commit": commit}}
     util_src = show("Base/Python/slicer/util.py")
     ref_json["slicer_util"] = public_names(util_src)
+    ref_json["slicer_util_parameters"] = function_parameters(util_src)
     has_packaging = "Base/Python/slicer/packaging.py" in files
     ref_json["slicer_packaging"] = public_names(show("Base/Python/slicer/packaging.py")) if has_packaging else []
     ref_json["getModuleLogic_widget_attribute"] = module_logic_attribute(util_src)

@@ -446,6 +446,8 @@ def device_label(info: Mapping | None, output: str = "") -> str:
     if info is None:
         if "No module named 'torch'" in output or "No module named torch" in output:
             return "PyTorch not installed yet (installed on first run)"
+        if "No module named" in output:
+            return "Python packages not installed yet (installed on first run)"
         return "Device unknown (the probe failed; see the log)"
     if info.get("cuda_available"):
         return f"GPU: {info.get('cuda_device') or info.get('device') or 'CUDA'}"

@@ -243,6 +243,7 @@ def test_device_label_names_cuda_mps_cpu_and_a_missing_torch():
     assert device_label({"torch": "2", "cuda_available": False, "mps_available": True}).startswith("Apple GPU (MPS)")
     assert device_label({"torch": "2", "cuda_available": False, "mps_available": False}).startswith("CPU only")
     assert device_label(None, "ModuleNotFoundError: No module named 'torch'").startswith("PyTorch not installed")
+    assert device_label(None, "ModuleNotFoundError: No module named 'timm'").startswith("Python packages not")
     assert device_label(None, "Segmentation fault").startswith("Device unknown")
     assert parse_info_output(["warning: x", '{"torch": "2.4", "cuda_available": false}', ""])["torch"] == "2.4"
     assert parse_info_output(["{not json", '{"stage": "x"}']) is None

@@ -538,9 +538,14 @@ def bundle_settings(manifest: Mapping) -> dict:
     return out
 
 
-def changed_settings(shown: Mapping, values: Mapping) -> dict:
+#: decimals the panel's spin boxes show (a value read back from a spin box is rounded to them)
+DISPLAY_DECIMALS = {"w": 2, "dode_threshold": 3}
+
+
+def changed_settings(shown: Mapping, values: Mapping, decimals: Mapping[str, int] = DISPLAY_DECIMALS) -> dict:
     """Only the settings the user changed: the entries of ``values`` that differ from the values the
-    panel showed from the bundle (``shown``); a setting with no shown value counts as changed."""
+    panel showed from the bundle (``shown``), real numbers compared at the precision the panel shows
+    (``decimals``); a setting with no shown value counts as changed."""
     out = {}
     for key in OVERRIDE_FIELDS:
         if key not in values or values[key] is None:
@@ -549,8 +554,8 @@ def changed_settings(shown: Mapping, values: Mapping) -> dict:
         base = shown.get(key)
         if base is None:
             out[key] = v
-        elif isinstance(v, float) or isinstance(base, float):
-            if abs(float(v) - float(base)) > 1e-6 * max(1.0, abs(float(base))):
+        elif key in decimals:
+            if round(float(v), decimals[key]) != round(float(base), decimals[key]):
                 out[key] = v
         elif v != base:
             out[key] = v

@@ -283,8 +283,10 @@ def test_bundle_settings_from_folder_and_zip(tmp_path):
 
 def test_changed_settings_keep_only_what_differs():
     shown = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.320472816393783}
-    same = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.3204728}  # spin box rounding
+    same = {"w": 5.0, "early_stop": False, "stride": 30, "dode_threshold": 7.32}  # as a 3-decimal spin box reads
     assert changed_settings(shown, same) == {}
+    assert changed_settings(shown, dict(same, dode_threshold=7.321)) == {"dode_threshold": 7.321}
+    assert changed_settings(dict(shown, w=4.567), dict(same, w=4.57)) == {}
     assert changed_settings(shown, dict(same, early_stop=True, stride=10)) == {"early_stop": True, "stride": 10}
     assert changed_settings({}, {"w": 3.0, "stride": None}) == {"w": 3.0}
 

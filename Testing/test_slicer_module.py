@@ -382,3 +382,14 @@ def test_requirements_leave_slicer_packages_alone():
         if line.strip() and not line.startswith("#")
     ]
     assert "timm" in reqs and not {"torch", "torchvision", "numpy", "simpleitk"} & set(reqs)
+
+
+def test_spin_box_decimals_match_the_override_comparison(ui):
+    """A value read back from a spin box is rounded to its decimals: the override comparison
+    (``slicer_bridge.changed_settings``) compares at the same precision."""
+    from AnomalyDiffusionLib.slicer_bridge import DISPLAY_DECIMALS
+
+    boxes = {w.get("name"): w for w in ui.iter("widget")}
+    for name, key in (("guidanceSpinBox", "w"), ("thresholdSpinBox", "dode_threshold")):
+        decimals = boxes[name].find("property[@name='decimals']/number").text
+        assert int(decimals) == DISPLAY_DECIMALS[key], name

@@ -7,10 +7,10 @@ separates healthy from unhealthy slices. w* = the largest w whose accuracy stays
 best. M_max = the largest M_{t_e} (per channel) over the validation slices labelled unhealthy. No
 pixel labels are read. All candidate w share one forward pass.
 
-When the best accuracy sits at the largest candidate and is still rising there, the grid extends
+When the best accuracy sits at the largest candidate (rising or level there), the grid extends
 itself (fpdm.extend_guidance_grid: 1.5× the last candidate, two per round, up to --w-cap) with one
-more forward pass per round, until the accuracy stops rising at the top or the cap is reached; the
-report's "grid_extension" says which candidates each round added and why. M_t grows as (1 + w)²
+more forward pass per round, until the accuracy falls below the best at the top or the cap is
+reached; the report's "grid_extension" says which candidates each round added and why. M_t grows as (1 + w)²
 (eq. 13), so M_max is taken from the run at the chosen w*, and inference must use that w (detect
 warns otherwise). The calibration records the settings it was made with ("calibration"."settings").
 
@@ -201,7 +201,7 @@ def calibrate(args) -> dict:
         "table": {str(w): {**v, "round": rounds[w]} for w, v in table.items()},
         "grid_extension": {
             "extended": bool(extension),
-            "rule": f"while the best accuracy is at the largest w and still rising: 1.5x, two per round, "
+            "rule": f"while the best accuracy is at the largest w (rising or level): 1.5x, two per round, "
             f"up to w = {args.w_cap:g}",
             "rounds": extension,
         },

@@ -192,8 +192,9 @@ def test_bundles_older_than_the_clamp_and_cosine_weighting_keep_their_behaviour(
     _, _, st, cal = open_bundle(tiny).fpdm()
     assert st.clip_denoised is True and st.cosine_weighting == "spacing"
     assert cal.settings == st.calibration_dict()
-    # the shipped bundle predates them: old behaviour, and its own settings match what it knows
+    # the shipped bundle (2.0) was calibrated with the clamp and spacing weights, and says so; its
+    # inference settings are those it was calibrated with
     shipped = open_bundle()
     _, _, st, cal = shipped.fpdm()
-    assert st.clip_denoised is False and st.cosine_weighting == "uniform" and cal.settings is None
+    assert st.clip_denoised is True and st.cosine_weighting == "spacing" and cal.settings is not None
     assert calibration_mismatches(st, cal, shipped.manifest["fpdm"].get("calibrated_stride")) == []

@@ -337,6 +337,8 @@ class Bundle:
             "sha256": self.sha256,
             "source": str(self.source),
             "format_version": m["format_version"],
+            "version": m.get("version"),
+            "changelog": m.get("changelog", []),
             "description": m["description"],
             "training_data": m["training_data"],
             "intended_use": m["intended_use"],

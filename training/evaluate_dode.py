@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _score(model, x, args) -> tuple[np.ndarray, np.ndarray]:
+    """bpd per scale and the eq. 13 score of slices ``x`` with the command line's solver settings."""
+    return score_slices(
+        model,
+        x,
+        solver=args.solver,
+        probe=args.probe,
+        seed=args.seed,
+        rtol=args.rtol,
+        atol=args.rtol,
+        n_probes=args.probes,
+    )
+
+
 def score_real_case(model, folder: Path, size: int, args) -> dict:
     """Score every axial slice with brain of a real FLAIR volume; compare lesion slices to the rest."""
     from AnomalyDiffusionLib.datasets import slices_from_case
@@ -89,16 +103,7 @@ def score_real_case(model, folder: Path, size: int, args) -> dict:
         raise AnomalyDiffusionError(f"no *_fla/*_flair and *_seg volumes in '{folder}'")
     case = load_case({"flair": flair})
     ds = slices_from_case(case, read_labelmap_like(seg, case), folder.name, ("flair",), size, min_brain_fraction=0.05)
-    _, score = score_slices(
-        model,
-        ds.images,
-        solver=args.solver,
-        probe=args.probe,
-        seed=args.seed,
-        rtol=args.rtol,
-        atol=args.rtol,
-        n_probes=args.probes,
-    )
+    _, score = _score(model, ds.images, args)
     lab = np.asarray(ds.labels).astype(int)
     out = {
         "case": folder.name,
@@ -152,16 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         x, ds = load_slices(args, args.slice_size)
         labels = np.asarray(ds.labels).astype(int)
         t0 = time.perf_counter()
-        per_scale, score = score_slices(
-            model,
-            x,
-            solver=args.solver,
-            probe=args.probe,
-            seed=args.seed,
-            rtol=args.rtol,
-            atol=args.rtol,
-            n_probes=args.probes,
-        )
+        per_scale, score = _score(model, x, args)
         secs = time.perf_counter() - t0
         table1 = image_level(labels, score)
         ablation = []

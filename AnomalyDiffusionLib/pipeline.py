@@ -58,6 +58,10 @@ class DetectOptions:
     mode: str | None = None  #: ddim | ddpm
     early_stop: bool | None = None
     gate: str | None = None  #: "none" | "dode": which slices AnoFPDM runs on
+    #: how AnoFPDM decides which slices are anomalous and sets Algorithm 1's level: "bundle" (the
+    #: papers' dataset-level cosine threshold and M_max) | "volume" (the case's own slice population,
+    #: see :mod:`~AnomalyDiffusionLib.selfcal`); None: the bundle's default
+    calibration: str | None = None
     cos_threshold: float | None = None  #: override the calibrated cosine threshold
     dode_threshold: float | None = None  #: override the AnoDODE decision threshold (bpd)
     dode_scales: tuple[int, ...] | None = None  #: subset of the bundle's scales

@@ -433,10 +433,12 @@ def open_slices(
     start: int | None = None,
     stop: int | None = None,
     progress: ProgressCallback | None = None,
+    randomise: bool = False,
 ) -> SliceDataset:
     """The slices a script works on: ``data/split`` of a prepared dataset (or ``data`` itself),
-    memory-mapped, or ``phantom`` synthetic subjects built in memory; either restricted to the axial
-    slices ``start:stop`` (canonical slice indices, e.g. BMAD's 60:100 of the 155 BraTS slices)."""
+    memory-mapped, or ``phantom`` synthetic subjects built in memory (``randomise``: domain-randomised
+    appearance, :attr:`PhantomOptions.randomise`); either restricted to the axial slices ``start:stop``
+    (canonical slice indices, e.g. BMAD's 60:100 of the 155 BraTS slices)."""
     if (data is None) == (phantom is None):
         raise InputError("give exactly one of --data or --phantom")
     if data is not None:
@@ -464,7 +466,7 @@ def open_slices(
         start=start,
         stop=stop,
         healthy_fraction=healthy_fraction,
-        options=PhantomOptions(spacing=spacing),
+        options=PhantomOptions(spacing=spacing, randomise=randomise),
         progress=progress,
     )
 

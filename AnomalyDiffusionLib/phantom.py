@@ -189,6 +189,56 @@ class PhantomOptions:
     clinical_grid: bool = False
     clinical_spacing: tuple[float, float, float] = (0.9, 0.9, 3.0)
     clinical_max_tilt_deg: float = 15.0
+    #: domain randomisation for training (each subject draws its own appearance, see
+    #: :func:`randomised_appearance`): wider tissue contrasts, bias, noise, gamma, blur, through-plane
+    #: resolution, lesion sizes/counts/levels. Off by default, so seeded subjects stay as they were.
+    randomise: bool = False
+
+
+@dataclass
+class Appearance:
+    """Per-subject imaging appearance. The defaults reproduce the non-randomised phantom exactly."""
+
+    tissue_scale: dict[str, dict[str, float]] = field(default_factory=dict)  #: modality → tissue → factor
+    lesion_scale: float = 1.0  #: factor on every lesion level (≤ 1: fainter lesions)
+    gamma: float = 1.0  #: intensity power applied to the noise-free image (relative to its p99)
+    blur_mm: float = 0.0  #: in-plane Gaussian sigma of the acquisition blur
+    slab_mm: float = 0.0  #: through-plane (z) Gaussian sigma: thick-slice acquisitions
+
+
+def randomised_appearance(rng: np.random.Generator, opt: PhantomOptions) -> tuple[PhantomOptions, Appearance]:
+    """Draw one training subject's options and appearance for domain randomisation.
+
+    Ranges are broad on purpose (a model trained on them should not depend on one contrast, bias or
+    resolution): per-tissue means ×[0.75, 1.3] per modality, bias field std 0.05–0.35, Rician noise
+    0.5–5 % of p99, gamma 0.7–1.4, in-plane blur 0–1.2 mm, through-plane blur 0–2.5 mm, lesion levels
+    ×[0.8, 1.15], 1–4 lesions of 5–30 mm. They are for training only; the held-out shift family of
+    ``benchmarks/shift_family.py`` is drawn by other code with its own lesion and contrast model.
+    """
+    from dataclasses import replace
+
+    lo = float(rng.uniform(0.005, 0.03))
+    small = float(rng.uniform(4.0, 12.0))
+    new = replace(
+        opt,
+        bias_strength=float(rng.uniform(0.05, 0.35)),
+        noise_level=(lo, lo + float(rng.uniform(0.0, 0.02))),
+        intensity_jitter=0.03,
+        lesion_radius_mm=(small, float(rng.uniform(max(small + 4.0, 15.0), 30.0))),
+        n_lesions=opt.n_lesions if opt.n_lesions is not None else int(rng.choice([1, 1, 2, 3, 4])),
+        elastic_mm=float(rng.uniform(2.0, 5.0)),
+        max_rotation_deg=12.0,
+    )
+    app = Appearance(
+        tissue_scale={
+            m: {k: float(np.exp(rng.uniform(np.log(0.75), np.log(1.3)))) for k in TISSUE_MEANS[m]} for m in MODALITIES
+        },
+        lesion_scale=float(rng.uniform(0.8, 1.15)),
+        gamma=float(np.exp(rng.uniform(np.log(0.7), np.log(1.4)))),
+        blur_mm=float(rng.uniform(0.0, 1.2)),
+        slab_mm=float(rng.uniform(0.0, 2.5)) if rng.random() < 0.5 else 0.0,
+    )
+    return new, app
 
 
 @dataclass
@@ -311,9 +361,13 @@ def _contrast(
     texture: np.ndarray,
     lesion_texture: np.ndarray,
     heterogeneity: float,
+    appearance: Appearance | None = None,
 ) -> np.ndarray:
     """One modality: tissue mixture + partial-volume lesion compartments, bias, texture, Rician noise."""
+    app = appearance or Appearance()
     means = {k: v * (1 + rng.normal(0, opt.intensity_jitter)) for k, v in TISSUE_MEANS[modality].items()}
+    if app.tissue_scale:
+        means = {k: v * app.tissue_scale[modality][k] for k, v in means.items()}
     img = tissues["csf"] * means["csf"] + tissues["gm"] * means["gm"] + tissues["wm"] * means["wm"]
     sp = opt.spacing
     for comp, lab in (("edema", 2), ("necrosis", 1), ("enhancing", 4)):
@@ -322,11 +376,16 @@ def _contrast(
             continue
         # soft membership (≈ 0.7 mm partial volume) so edges look acquired, not painted
         soft = np.clip(ndimage.gaussian_filter(m.astype(np.float32), 0.7 / sp), 0.0, 1.0)
-        level = lesion_levels[f"{modality}:{comp}"]
+        level = lesion_levels[f"{modality}:{comp}"] * app.lesion_scale
         # lesion signal keeps a little of the underlying anatomy and is heterogeneous inside
         lesion = level * (0.85 + 0.15 * img / max(means["wm"], 1e-3)) * (1.0 + heterogeneity * lesion_texture)
         img = img * (1 - soft) + lesion * soft
     img = img * (1.0 + 0.04 * texture) * bias
+    if app.gamma != 1.0:
+        ref = float(np.percentile(img[tissues["brain"] > 0.5], 99))
+        img = ref * np.clip(img / ref, 0.0, None) ** app.gamma
+    if app.blur_mm > 0 or app.slab_mm > 0:
+        img = ndimage.gaussian_filter(img, (app.slab_mm / sp, app.blur_mm / sp, app.blur_mm / sp))
     scale = float(np.percentile(img[tissues["brain"] > 0.5], 99))
     sigma = rng.uniform(*opt.noise_level) * scale
     noisy = np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
@@ -341,6 +400,9 @@ def make_subject(seed: int, options: PhantomOptions | None = None) -> PhantomCas
     unknown = [m for m in opt.modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"unknown phantom modality {unknown}; choose from {MODALITIES}")
+    appearance = None
+    if opt.randomise:
+        opt, appearance = randomised_appearance(np.random.default_rng([seed, 7]), opt)
     rng = np.random.default_rng(seed)
     anat = load_anatomy(opt.spacing)
     tissues = _warp(anat, rng, opt)
@@ -363,6 +425,7 @@ def make_subject(seed: int, options: PhantomOptions | None = None) -> PhantomCas
             texture,
             lesion_texture,
             heterogeneity,
+            appearance,
         )
         images[m] = _to_image(arr, opt.spacing, anat.origin)
     label_img = _to_image(labels, opt.spacing, anat.origin)

@@ -35,7 +35,7 @@ from AnomalyDiffusionLib.datasets import open_slices
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.modelio import save_unet
+from AnomalyDiffusionLib.modelio import load_unet_any, save_unet
 from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 log = logging.getLogger("train_fpdm")
@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="phantom subjects without lesion (default 0.25)",
     )
     p.add_argument("--phantom-spacing", type=float, default=2.0, help="phantom voxel size in mm (default 2)")
+    p.add_argument(
+        "--phantom-randomise",
+        action="store_true",
+        help="domain-randomised phantoms: each subject draws its own contrasts, bias, noise, gamma, blur, "
+        "slice thickness and lesion sizes/counts (PhantomOptions.randomise)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="MODEL",
+        help="start from these AnoFPDM weights (a bundle, its zip, a run folder or a weights file) instead of "
+        "a random initialisation; the UNet configuration is the model's (--config and --image-size are ignored)",
+    )
     p.add_argument(
         "--slices",
         default=None,
@@ -119,7 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = setup_distributed(args.device)
         modalities = tuple(m.strip() for m in args.modalities.split(","))
-        cfg = unet_config(args.config, in_channels=len(modalities), image_size=args.image_size)
+        init = None
+        if args.init_from is not None:
+            if args.resume:
+                raise AnomalyDiffusionError("--init-from starts a new run; --resume continues one: give only one")
+            init, init_meta = load_unet_any(args.init_from)
+            if list(init_meta.get("modalities", modalities)) != list(modalities):
+                raise AnomalyDiffusionError(
+                    f"--init-from model has channels {init_meta.get('modalities')}, not {list(modalities)}"
+                )
+            cfg = init.config
+        else:
+            cfg = unet_config(args.config, in_channels=len(modalities), image_size=args.image_size)
         start, stop = parse_slice_range(args.slices)
         with TqdmProgress() as progress:
             ds = open_slices(
@@ -134,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 start,
                 stop,
                 progress,
+                randomise=args.phantom_randomise,
             )
         chans = ds.channel_index(modalities)
         images = ds.images  # memory-mapped for prepared data: only each batch is read
@@ -148,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             raise AnomalyDiffusionError(f"--max-t must be within 1..{schedule.steps}, not {args.max_t}")
         torch.manual_seed(args.seed)
         model = UNet(cfg)
+        if init is not None:
+            model.load_state_dict(init.state_dict())
         if dist.main:
             print(
                 f"{len(ds)} slices ({int(labels.sum())} unhealthy), {len(modalities)} channel(s) {modalities}, "
@@ -165,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return F.mse_loss(net(x_t, t, torch.from_numpy(y).to(dist.device)).float(), noise)
 
         run = {
+            "init_from": str(args.init_from) if args.init_from else None,
             "model": cfg.as_dict(),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
@@ -189,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             source = (
                 f"slice dataset '{args.data}'"
                 if args.data
-                else f"{args.phantom} synthetic phantom subjects (seed {args.phantom_seed})"
+                else f"{args.phantom} {'domain-randomised ' if args.phantom_randomise else ''}synthetic phantom "
+                f"subjects (seed {args.phantom_seed})"
             )
+            if args.init_from:
+                source += f", continued from '{args.init_from}'"
             save_unet(
                 ema_model,
                 args.out / "fpdm.safetensors",

@@ -34,6 +34,7 @@ from . import __version__
 from .bundle import Bundle, open_bundle
 from .devices import for_inference, resolve_device
 from .errors import InputError
+from .options import DetectOptions  # the options schema; re-exported here
 from .progress import CancelToken, ProgressCallback, report
 from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble, slice_indices
 
@@ -43,34 +44,6 @@ log = logging.getLogger(__name__)
 MIN_BRAIN_FRACTION = 0.05
 #: log records carrying this attribute are also in ``summary["warnings"]`` (the CLI prints those itself)
 SUMMARY_WARNING = "summary_warning"
-
-
-@dataclass
-class DetectOptions:
-    """What to run and how. ``None`` fields take the bundle's values."""
-
-    methods: tuple[str, ...] | None = None  #: subset of the bundle's ("fpdm", "dode")
-    device: str = "auto"  #: auto | cpu | cuda
-    w: float | None = None  #: AnoFPDM guidance strength (default: calibrated w*)
-    steps: int | None = None  #: forward steps (of T = 1000)
-    stride: int | None = None  #: visit every stride-th step
-    gap: str | None = None  #: DDIM across a stride's gap: "jump" (one eq. 4 step) | "extrapolate"
-    mode: str | None = None  #: ddim | ddpm
-    early_stop: bool | None = None
-    gate: str | None = None  #: "none" | "dode": which slices AnoFPDM runs on
-    #: how AnoFPDM decides which slices are anomalous and sets Algorithm 1's level: "bundle" (the
-    #: papers' dataset-level cosine threshold and M_max) | "volume" (the case's own slice population,
-    #: see :mod:`~AnomalyDiffusionLib.selfcal`); None: the bundle's default
-    calibration: str | None = None
-    cos_threshold: float | None = None  #: override the calibrated cosine threshold
-    dode_threshold: float | None = None  #: override the AnoDODE decision threshold (bpd)
-    dode_scales: tuple[int, ...] | None = None  #: subset of the bundle's scales
-    dode_rtol: float | None = None
-    dode_probes: int | None = None  #: Hutchinson probes averaged per slice (default: the bundle's)
-    faithful: bool = False  #: paper settings: stride 1, no early stop, no gate
-    slice_range: tuple[int | None, int | None] = (None, None)  #: canonical axial [start, stop)
-    seed: int = 0
-    batch_size: int | None = None
 
 
 @dataclass

@@ -14,9 +14,13 @@ Opening a bundle (:func:`open_bundle`) checks, before any tensor is built:
   read in memory and never extracted;
 * the sha256 and size of every listed file; files not listed are ignored.
 
-Weights are read with safetensors (never pickle) and loaded strictly into networks rebuilt from the
-manifest. Weight files may be stored as float16 to keep the embedded bundle small; they are cast back
-to float32 when loaded (``"dtype"`` per file in the manifest).
+Weights are read with safetensors (never pickle); weight files may be stored as float16 to keep the
+embedded bundle small and are cast back to float32 when read (``"dtype"`` per file in the manifest).
+This module reads, verifies and writes bytes and schema only, and imports no method: the networks
+are rebuilt from the manifest and loaded strictly by the method side
+(:func:`~AnomalyDiffusionLib.modelio.fpdm_from_bundle`,
+:func:`~AnomalyDiffusionLib.dode.model.dode_from_bundle`,
+:func:`~AnomalyDiffusionLib.dode.model.decoder_from_bundle`).
 
 :func:`write_bundle` is the only writer; training/calibration scripts assemble a manifest from their
 run folders with :func:`fpdm_section` / :func:`dode_section` and call it.
@@ -37,7 +41,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -242,92 +245,6 @@ class Bundle:
         except Exception as exc:  # safetensors' own error types
             raise BundleError(f"bundle file '{name}' is not a readable safetensors file ({exc})") from None
         return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-
-    # ---- method models
-    def fpdm(self, device: str | torch.device = "cpu"):
-        """``(unet, schedule, settings, calibration)`` for AnoFPDM.
-
-        Settings the bundle predates take the behaviour it was calibrated with
-        (:data:`~AnomalyDiffusionLib.fpdm.STORED_DEFAULTS`: no clamp of the predictions, uniform cosine
-        weights), not today's defaults."""
-        from .diffusion import Schedule, UNet, UNetConfig
-        from .fpdm import Calibration, FPDMSettings
-        from .trainer import load_weights
-
-        if "fpdm" not in self.methods:
-            raise BundleError(f"bundle '{self.name}' holds no AnoFPDM model (methods: {self.methods})")
-        f = self.manifest["fpdm"]
-        try:
-            cfg = UNetConfig.from_dict(f["network"])
-            sch = f["schedule"]
-            schedule = Schedule(
-                steps=int(sch["steps"]), beta_start=float(sch["beta_start"]), beta_end=float(sch["beta_end"])
-            )
-            # settings stored before clip_denoised / cosine_weighting existed were calibrated without
-            # the clamp and with uniform weights: from_dict reads their absence as exactly that
-            settings = FPDMSettings.from_dict(f["settings"])
-            cal_d = dict(f["calibration"])
-            cal = Calibration(**{k: cal_d[k] for k in Calibration.__dataclass_fields__ if k in cal_d})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"bundle '{self.name}': invalid fpdm section ({exc})") from None
-        if sch.get("kind", "linear") != "linear":
-            raise BundleError(f"bundle '{self.name}': unsupported diffusion schedule {sch.get('kind')!r}")
-        model = UNet(cfg)
-        load_weights(model, self.tensors(f["weights"]), what=f"'{f['weights']}' in bundle '{self.name}'")
-        return model.to(device).eval(), schedule, settings, cal
-
-    def dode(self, device: str | torch.device = "cpu"):
-        """The AnoDODE model (:class:`~AnomalyDiffusionLib.dode.model.DODEModel`)."""
-        from .diffusion import UNetConfig
-        from .dode.features import EncoderSpec, Standardiser, build_encoder
-        from .dode.model import DODEModel
-        from .dode.score import ScoreNet
-        from .dode.sde import VPSDE
-        from .trainer import load_weights
-
-        if "dode" not in self.methods:
-            raise BundleError(f"bundle '{self.name}' holds no AnoDODE model (methods: {self.methods})")
-        d = self.manifest["dode"]
-        e = d["encoder"]
-        scales = [int(s) for s in d["scales"]]
-        spec = EncoderSpec(
-            name=e["timm_name"], stages=int(e["stages"]), pretrained=bool(e["pretrained"]), scales=tuple(scales)
-        )
-        encoder = build_encoder(spec, state=self.tensors(e["weights"])).to(device)
-        sde = VPSDE(float(d["sde"].get("beta_min", 0.1)), float(d["sde"].get("beta_max", 20.0)))
-        nets, stds = [], []
-        for s in scales:
-            sn = d["score_networks"][str(s)]
-            net = ScoreNet(UNetConfig.from_dict(sn["network"]), sde)
-            load_weights(net, self.tensors(sn["weights"]), what=f"'{sn['weights']}' in bundle '{self.name}'")
-            nets.append(net.to(device).eval())
-            stds.append(Standardiser(np.asarray(sn["feature_mean"]), np.asarray(sn["feature_std"])))
-        size = d.get("slice_size")
-        return DODEModel(
-            encoder=encoder,
-            spec=spec,
-            scales=scales,
-            nets=nets,
-            standardisers=stds,
-            slice_size=None if size is None else int(size),
-        )
-
-    def decoder(self, device: str | torch.device = "cpu"):
-        """``(decoder, scale, settings)`` of the AnoDODE localisation decoder, or None if absent."""
-        from .dode.decoder import Decoder
-        from .trainer import load_weights
-
-        dec = (self.manifest.get("dode") or {}).get("decoder")
-        if dec is None:
-            return None
-        cfg = dec["config"]
-        net = Decoder(int(cfg["in_channels"]), base=int(cfg["base"]), mults=tuple(cfg["mults"]))
-        load_weights(net, self.tensors(dec["weights"]), what=f"'{dec['weights']}' in bundle '{self.name}'")
-        return (
-            net.to(device).eval(),
-            int(dec["scale"]),
-            {k: v for k, v in dec.items() if k not in ("weights", "config")},
-        )
 
     def info(self) -> dict:
         """A short, JSON-ready description (for ``bundle info`` and outputs)."""

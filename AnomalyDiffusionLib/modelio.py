@@ -1,8 +1,12 @@
-"""Saving and loading networks as single safetensors files (never pickle).
+"""Networks from stored weights: single safetensors files (never pickle), run folders and bundles.
 
 The file's header metadata holds ``{"kind": ..., "config": {...}, ...}`` as JSON, so a weights file
-is self-describing: :func:`load_unet` rebuilds the architecture from it and loads strictly, with a
-message naming the mismatch when weights and configuration disagree.
+is self-describing: :func:`load_unet` rebuilds the architecture from it and loads strictly
+(:func:`load_weights`), with a message naming the mismatch when weights and configuration disagree.
+:func:`fpdm_from_bundle` builds the AnoFPDM network, schedule, settings and calibration from a
+verified bundle (:mod:`~AnomalyDiffusionLib.bundle` only reads and checks bytes and schema);
+:func:`load_unet_any` takes a weights file, a run folder or a bundle. The AnoDODE counterparts are
+in :mod:`~AnomalyDiffusionLib.dode.model`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .diffusion import UNet, UNetConfig
+from .bundle import Bundle, BundleError, is_bundle, open_bundle
+from .diffusion import Schedule, UNet, UNetConfig
 from .errors import AnomalyDiffusionError
-from .trainer import load_weights
+from .fpdm import Calibration, FPDMSettings
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Strict load with a message that says which tensors do not fit (another config, another model)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} tensor(s) of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise AnomalyDiffusionError(f"{what} do not fit this model configuration: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, meta: dict) -> Path:
@@ -85,8 +111,6 @@ def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -
     training run folder: its final ``*.safetensors`` weights if present, else the EMA weights of its
     latest ``checkpoint/`` (to inspect a run that is still training)."""
     p = Path(path)
-    from .bundle import is_bundle
-
     if is_bundle(p):
         return _load_bundle_unet(p, device)
     if p.is_file():
@@ -121,10 +145,8 @@ def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 
 def _load_bundle_unet(path: Path, device: str | torch.device) -> tuple[UNet, dict]:
-    from .bundle import open_bundle
-
     b = open_bundle(path)
-    model, _, settings, cal = b.fpdm(device)
+    model, _, settings, cal = fpdm_from_bundle(b, device)
     f = b.manifest["fpdm"]
     info = {
         "kind": "unet",
@@ -135,3 +157,34 @@ def _load_bundle_unet(path: Path, device: str | torch.device) -> tuple[UNet, dic
         "bundle": {"name": b.name, "sha256": b.sha256, "settings": settings.as_dict(), "calibration": cal.as_dict()},
     }
     return model, info
+
+
+def fpdm_from_bundle(
+    b: Bundle, device: str | torch.device = "cpu"
+) -> tuple[UNet, Schedule, FPDMSettings, Calibration]:
+    """``(unet, schedule, settings, calibration)`` for AnoFPDM from a verified bundle.
+
+    Settings the bundle predates take the behaviour it was calibrated with
+    (:data:`~AnomalyDiffusionLib.fpdm.STORED_DEFAULTS`: no clamp of the predictions, uniform cosine
+    weights), not today's defaults."""
+    if "fpdm" not in b.methods:
+        raise BundleError(f"bundle '{b.name}' holds no AnoFPDM model (methods: {b.methods})")
+    f = b.manifest["fpdm"]
+    try:
+        cfg = UNetConfig.from_dict(f["network"])
+        sch = f["schedule"]
+        schedule = Schedule(
+            steps=int(sch["steps"]), beta_start=float(sch["beta_start"]), beta_end=float(sch["beta_end"])
+        )
+        # settings stored before clip_denoised / cosine_weighting existed were calibrated without
+        # the clamp and with uniform weights: from_dict reads their absence as exactly that
+        settings = FPDMSettings.from_dict(f["settings"])
+        cal_d = dict(f["calibration"])
+        cal = Calibration(**{k: cal_d[k] for k in Calibration.__dataclass_fields__ if k in cal_d})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"bundle '{b.name}': invalid fpdm section ({exc})") from None
+    if sch.get("kind", "linear") != "linear":
+        raise BundleError(f"bundle '{b.name}': unsupported diffusion schedule {sch.get('kind')!r}")
+    model = UNet(cfg)
+    load_weights(model, b.tensors(f["weights"]), what=f"'{f['weights']}' in bundle '{b.name}'")
+    return model.to(device).eval(), schedule, settings, cal

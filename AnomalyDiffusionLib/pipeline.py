@@ -173,11 +173,11 @@ def detect(
     dode_model = None
     if "dode" in methods:
         t = time.perf_counter()
-        from .dode.model import score_slices
+        from .dode.model import dode_from_bundle, score_slices
 
         d = b.manifest["dode"]
         report(progress, "dode", 0.0, "loading AnoDODE")
-        model = b.dode(device)
+        model = dode_from_bundle(b, device)
         if opt.dode_scales:
             bad = [s for s in opt.dode_scales if s not in model.scales]
             if bad:
@@ -243,8 +243,9 @@ def detect(
     if "fpdm" in methods:
         t = time.perf_counter()
         from .fpdm import calibration_mismatches, forward_process, segment
+        from .modelio import fpdm_from_bundle
 
-        unet, schedule, settings, cal = b.fpdm(device)
+        unet, schedule, settings, cal = fpdm_from_bundle(b, device)
         for_inference(unet, device)
         st = _fpdm_settings(settings, opt)
         # the cosine threshold and M_max hold for the settings they were calibrated with only
@@ -359,11 +360,12 @@ def _dode_heatmaps(b: Bundle, model, vol, idx, fit, device, seed, progress, canc
     ``model`` is the AnoDODE model already loaded for scoring (reloaded whole if a scale subset left
     out the decoder's scale)."""
     from .dode.decoder import localise
+    from .dode.model import decoder_from_bundle, dode_from_bundle
     from .dode.sde import VPSDE
 
-    decoder, scale, dset = b.decoder(device)
+    decoder, scale, dset = decoder_from_bundle(b, device)
     if scale not in model.scales:
-        model = b.dode(device)
+        model = dode_from_bundle(b, device)
     if scale not in model.scales:
         raise InputError(f"the bundle's decoder works at scale {scale}, which has no score network")
     k = model.scales.index(scale)

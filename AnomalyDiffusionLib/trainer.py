@@ -26,6 +26,7 @@ from torch import nn
 
 from .devices import resolve_device
 from .errors import AnomalyDiffusionError
+from .modelio import load_weights  # re-exported: callers once imported it from here
 from .progress import CancelToken, ProgressCallback, report
 
 log = logging.getLogger(__name__)
@@ -190,27 +191,6 @@ def load_checkpoint(
         states = states[rank]
     rng.bit_generator.state = states
     return int(meta["iteration"]), list(meta["history"]), dict(meta["run"])
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
-    """Strict load with a message that says which tensors do not fit (another config, another model)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} tensor(s) of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise AnomalyDiffusionError(f"{what} do not fit this model configuration: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------------- loss log

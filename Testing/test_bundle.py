@@ -12,6 +12,8 @@ import torch
 from conftest import make_tiny_bundle
 
 from AnomalyDiffusionLib.bundle import BundleError, open_bundle, validate_manifest
+from AnomalyDiffusionLib.dode.model import dode_from_bundle
+from AnomalyDiffusionLib.modelio import fpdm_from_bundle
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +33,11 @@ def test_round_trip_rebuilds_identical_networks(tmp_path):
 
     expected = UNet(unet_config("tiny", in_channels=2, image_size=32))
     b = open_bundle(path)
-    unet, schedule, settings, cal = b.fpdm()
+    unet, schedule, settings, cal = fpdm_from_bundle(b)
     assert _state_equal(unet, expected)
     assert (schedule.steps, schedule.beta_start, schedule.beta_end) == (1000, 1e-4, 0.02)
     assert settings.stride == 10 and cal.m_max == [0.1, 0.1] and cal.min_component == 0
-    dm = b.dode()
+    dm = dode_from_bundle(b)
     assert dm.scales == [64] and dm.spec.pretrained is False and dm.nets[0].config.in_channels == 192
     np.testing.assert_array_equal(dm.standardisers[0].std, np.ones(192))
     assert b.modalities == ["flair", "t2"] and b.slice_size == 32
@@ -49,7 +51,7 @@ def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
     network with the bundle's modalities, settings and calibration; a tampered one is refused there too."""
     from AnomalyDiffusionLib.modelio import load_unet_any
 
-    unet, _, settings, cal = open_bundle(tiny).fpdm()
+    unet, _, settings, cal = fpdm_from_bundle(open_bundle(tiny))
     for src in (tiny, make_tiny_bundle(tmp_path / "b.zip", as_zip=True)):
         model, meta = load_unet_any(src)
         assert _state_equal(model, unet) and meta["modalities"] == ["flair", "t2"]
@@ -60,6 +62,34 @@ def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
     (bad / "fpdm.safetensors").write_bytes(b"x" + (bad / "fpdm.safetensors").read_bytes()[1:])
     with pytest.raises(BundleError, match="sha256"):
         load_unet_any(bad)
+
+
+def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decoder(tmp_path):
+    """The method-side loaders (the bundle module itself builds no network): each refuses a bundle
+    that lacks its method by name; the AnoDODE decoder is None when absent and round-trips when present."""
+    from AnomalyDiffusionLib.bundle import dode_section, write_bundle
+    from AnomalyDiffusionLib.dode.decoder import Decoder
+    from AnomalyDiffusionLib.dode.model import decoder_from_bundle
+
+    only_fpdm = open_bundle(make_tiny_bundle(tmp_path / "f", methods=("fpdm",)))
+    only_dode = open_bundle(make_tiny_bundle(tmp_path / "d", methods=("dode",)))
+    with pytest.raises(BundleError, match="no AnoDODE model"):
+        dode_from_bundle(only_fpdm)
+    with pytest.raises(BundleError, match="no AnoFPDM model"):
+        fpdm_from_bundle(only_dode)
+    assert decoder_from_bundle(only_dode) is None
+    torch.manual_seed(1)
+    dm = dode_from_bundle(only_dode)
+    dec = Decoder(192, base=4, mults=(2, 1))
+    sec, files = dode_section(
+        dm, 5.0, only_dode.manifest["dode"]["likelihood"], decoder=dec, decoder_scale=64, decoder_settings={"steps": 7}
+    )
+    manifest = {k: v for k, v in only_dode.manifest.items() if k not in ("dode", "files")}
+    with_dec = open_bundle(write_bundle(tmp_path / "dd", {**manifest, "dode": sec}, files))
+    got = decoder_from_bundle(with_dec)
+    assert got is not None
+    net, scale, settings = got
+    assert scale == 64 and settings["steps"] == 7 and _state_equal(net, dec)
 
 
 def test_float16_storage_halves_size_and_loads_as_float32(tmp_path):
@@ -187,14 +217,14 @@ def test_bundles_older_than_the_clamp_and_cosine_weighting_keep_their_behaviour(
         del m["fpdm"]["settings"]["clip_denoised"], m["fpdm"]["settings"]["cosine_weighting"]
         del m["fpdm"]["calibration"]["settings"]
 
-    _, _, st, cal = open_bundle(_edit_manifest(tiny, tmp_path / "old", strip)).fpdm()
+    _, _, st, cal = fpdm_from_bundle(open_bundle(_edit_manifest(tiny, tmp_path / "old", strip)))
     assert st.clip_denoised is False and st.cosine_weighting == "uniform" and cal.settings is None
-    _, _, st, cal = open_bundle(tiny).fpdm()
+    _, _, st, cal = fpdm_from_bundle(open_bundle(tiny))
     assert st.clip_denoised is True and st.cosine_weighting == "spacing"
     assert cal.settings == st.calibration_dict()
     # the shipped bundle (2.0) was calibrated with the clamp and spacing weights, and says so; its
     # inference settings are those it was calibrated with
     shipped = open_bundle()
-    _, _, st, cal = shipped.fpdm()
+    _, _, st, cal = fpdm_from_bundle(shipped)
     assert st.clip_denoised is True and st.cosine_weighting == "spacing" and cal.settings is not None
     assert calibration_mismatches(st, cal, shipped.manifest["fpdm"].get("calibrated_stride")) == []

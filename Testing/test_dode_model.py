@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from AnomalyDiffusionLib.dode.likelihood import likelihood_torch
-from AnomalyDiffusionLib.dode.model import load_dode, score_slices
+from AnomalyDiffusionLib.dode.model import dode_from_bundle, load_dode, score_slices
 from AnomalyDiffusionLib.dode.score import ScoreNet, dsm_loss, score_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 
@@ -283,7 +283,7 @@ def test_bundle_is_read_as_a_model_folder_and_never_written_to(tmp_path):
 
     from AnomalyDiffusionLib.bundle import default_bundle_path, open_bundle
 
-    full = open_bundle(None).dode()
+    full = dode_from_bundle(open_bundle(None))
     one = load_dode(default_bundle_path(), scales=[128])
     assert one.scales == [128] and one.spec.name == full.spec.name
     k = full.scales.index(128)

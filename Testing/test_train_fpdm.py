@@ -136,11 +136,12 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
             assert r["added"] == [4.0] and all(rep["table"][str(w)]["round"] == i for w in r["added"])
     # the calibration also becomes a bundle that detect can open
     from AnomalyDiffusionLib.bundle import open_bundle
+    from AnomalyDiffusionLib.modelio import fpdm_from_bundle
 
     assert calibrate_fpdm.main([*common, "--w", "0,1", "--threads", "1", "--bundle", str(tmp_path / "bun")]) == 0
     b = open_bundle(tmp_path / "bun")
     assert b.methods == ["fpdm"] and b.manifest["fpdm"]["settings"]["stride"] == 50
-    unet, _, st, cal = b.fpdm()
+    unet, _, st, cal = fpdm_from_bundle(b)
     assert cal.brain_fraction is not None and unet.config.image_size == 32
     assert cal.settings == st.calibration_dict()  # the bundle carries what its calibration holds for
     assert (

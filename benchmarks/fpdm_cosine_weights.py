@@ -29,6 +29,7 @@ import torch
 from AnomalyDiffusionLib.bundle import open_bundle
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.fpdm import _cosine, cosine_weights, forward_process, sequence_cosine
+from AnomalyDiffusionLib.modelio import fpdm_from_bundle
 
 
 def errors(mse_h: np.ndarray, mse_u: np.ndarray, st, ref: np.ndarray) -> dict[str, list[float]]:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     b = open_bundle(args.bundle)
-    unet, schedule, st, _ = b.fpdm(args.device)
+    unet, schedule, st, _ = fpdm_from_bundle(b, args.device)
     x, ds = load_or_make(None, "val", args.phantom, b.modalities, b.slice_size, 5000, max_slices=400, seed=0)
     lab = np.asarray(ds.labels).astype(bool)
     rng = np.random.default_rng(0)

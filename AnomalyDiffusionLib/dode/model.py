@@ -1,7 +1,8 @@
 """A trained AnoDODE model: frozen encoder + one score network and feature standardisation per scale.
 
-:func:`load_dode` reads what ``training/train_dode.py`` writes; :func:`score_slices` gives the
-per-scale bpd and the anomaly score S (eq. 13) of grey slices.
+:func:`load_dode` reads what ``training/train_dode.py`` writes, or a bundle's AnoDODE section
+(:func:`dode_from_bundle`; :func:`decoder_from_bundle` for its localisation decoder);
+:func:`score_slices` gives the per-scale bpd and the anomaly score S (eq. 13) of grey slices.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle import Bundle, BundleError, is_bundle, open_bundle
 from ..diffusion import UNetConfig
 from ..errors import AnomalyDiffusionError, InputError
-from ..modelio import load_state, read_meta
-from ..trainer import load_weights
+from ..modelio import load_state, load_weights, read_meta
+from .decoder import Decoder
 from .features import Encoder, EncoderSpec, Standardiser, build_encoder, extract
 from .likelihood import likelihood_scipy, likelihood_torch, make_probe
 from .score import ScoreNet
+from .sde import VPSDE
 
 
 @dataclass
@@ -45,10 +48,8 @@ def load_dode(folder: str | os.PathLike, scales: list[int] | None = None, device
     (all scales found, or the subset ``scales``, e.g. the paper's best {128, 192}). A model bundle
     (a folder with ``manifest.json``, or its zip) gives its AnoDODE model instead."""
     f = Path(folder)
-    from ..bundle import is_bundle, open_bundle
-
     if is_bundle(f):
-        full = open_bundle(f).dode(device)
+        full = dode_from_bundle(open_bundle(f), device)
         use = _pick_scales(full.scales, scales, f)
         keep = [full.scales.index(s) for s in use]
         return DODEModel(
@@ -193,13 +194,57 @@ def score_slices(
     return per, score
 
 
-def load_decoder(folder: str | os.PathLike, scale: int, device: str = "cpu"):
+def load_decoder(folder: str | os.PathLike, scale: int, device: str = "cpu") -> Decoder:
     """The decoder trained for ``scale`` (``dode_decoder_<scale>.safetensors``)."""
-    from .decoder import Decoder
-
     path = Path(folder) / f"dode_decoder_{scale}.safetensors"
     meta = read_meta(path)
     cfg = meta["config"]
     dec = Decoder(cfg["in_channels"], base=cfg["base"], mults=tuple(cfg["mults"]))
     load_weights(dec, load_state(path), what=f"weights in '{path}'")
     return dec.to(device).eval()
+
+
+def dode_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> DODEModel:
+    """The AnoDODE model of a verified bundle (encoder cut, one score network and feature
+    standardisation per scale)."""
+    if "dode" not in b.methods:
+        raise BundleError(f"bundle '{b.name}' holds no AnoDODE model (methods: {b.methods})")
+    d = b.manifest["dode"]
+    e = d["encoder"]
+    scales = [int(s) for s in d["scales"]]
+    spec = EncoderSpec(
+        name=e["timm_name"], stages=int(e["stages"]), pretrained=bool(e["pretrained"]), scales=tuple(scales)
+    )
+    encoder = build_encoder(spec, state=b.tensors(e["weights"])).to(device)
+    sde = VPSDE(float(d["sde"].get("beta_min", 0.1)), float(d["sde"].get("beta_max", 20.0)))
+    nets, stds = [], []
+    for s in scales:
+        sn = d["score_networks"][str(s)]
+        net = ScoreNet(UNetConfig.from_dict(sn["network"]), sde)
+        load_weights(net, b.tensors(sn["weights"]), what=f"'{sn['weights']}' in bundle '{b.name}'")
+        nets.append(net.to(device).eval())
+        stds.append(Standardiser(np.asarray(sn["feature_mean"]), np.asarray(sn["feature_std"])))
+    size = d.get("slice_size")
+    return DODEModel(
+        encoder=encoder,
+        spec=spec,
+        scales=scales,
+        nets=nets,
+        standardisers=stds,
+        slice_size=None if size is None else int(size),
+    )
+
+
+def decoder_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> tuple[Decoder, int, dict] | None:
+    """``(decoder, scale, settings)`` of a bundle's AnoDODE localisation decoder, or None if absent."""
+    dec = (b.manifest.get("dode") or {}).get("decoder")
+    if dec is None:
+        return None
+    cfg = dec["config"]
+    net = Decoder(int(cfg["in_channels"]), base=int(cfg["base"]), mults=tuple(cfg["mults"]))
+    load_weights(net, b.tensors(dec["weights"]), what=f"'{dec['weights']}' in bundle '{b.name}'")
+    return (
+        net.to(device).eval(),
+        int(dec["scale"]),
+        {k: v for k, v in dec.items() if k not in ("weights", "config")},
+    )

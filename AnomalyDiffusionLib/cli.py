@@ -3,13 +3,16 @@
 Subcommands:
 
 * ``detect``  score and segment one case (FLAIR + T2) with a model bundle
+* ``batch``   ``detect`` on many cases (BraTS folder or CSV), resumable, sharded (:mod:`.batch`)
 * ``demo``    make a phantom case with a lesion and run ``detect`` on it (see :func:`run_demo`)
 * ``bundle``  ``info`` / ``verify`` a model bundle
 * ``phantom`` write synthetic subjects as BraTS-style folders
 * ``info``    versions, device, and whether the anatomy templates are available
 
 Errors print one line (``error: ...``) and exit with status 2; outputs are written to a hidden
-temporary folder first and moved into place only when complete.
+temporary folder first and moved into place only when complete. The detect options (``detect`` and
+``batch``) come from the one schema in :mod:`.options`; ``--progress`` and ``-v`` may also follow the
+command name.
 """
 
 from __future__ import annotations
@@ -77,10 +80,11 @@ def run_demo(
     paths = write_case(ph, out, "inputs")
     report(progress, "phantom", 1.0, "inputs written")
 
+    options = DetectOptions(device=device)
     result = detect(
         {"flair": paths["flair"], "t2": paths["t2"]},
         bundle=bundle,
-        options=DetectOptions(device=device),
+        options=options,
         progress=progress,
         cancel=cancel,
     )
@@ -109,11 +113,18 @@ def run_demo(
         "output_geometry_equals_input": geometry_equal,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_result(result, out)
+    write_result(result, out, options=options)
     return result.summary
 
 
 # --------------------------------------------------------------------------------- commands
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The detect options of :mod:`.options` on ``parser``."""
+    from .options import add_arguments
+
+    add_arguments(parser)
+
+
 def _cmd_demo(args: argparse.Namespace, progress) -> int:
     out = Path(args.out)
     summary = _atomic_folder(
@@ -147,32 +158,10 @@ def _cmd_demo(args: argparse.Namespace, progress) -> int:
 
 
 def _detect_options(args: argparse.Namespace):
-    from .cli_support import parse_slice_range
-    from .pipeline import DetectOptions
+    """The :class:`~AnomalyDiffusionLib.options.DetectOptions` of ``detect`` / ``batch`` arguments."""
+    from .options import from_namespace
 
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    if methods and any(m not in ("fpdm", "dode") for m in methods):
-        raise InputError(f"--methods takes fpdm, dode or fpdm,dode; got '{args.methods}'")
-    scales = tuple(int(s) for s in args.dode_scales.split(",")) if args.dode_scales else None
-    return DetectOptions(
-        methods=methods,
-        device=args.device,
-        w=args.w,
-        steps=args.steps,
-        stride=args.stride,
-        gap=args.gap,
-        mode=args.mode,
-        early_stop=args.early_stop,
-        gate=args.gate,
-        cos_threshold=args.cos_threshold,
-        dode_threshold=args.dode_threshold,
-        dode_scales=scales,
-        dode_rtol=args.dode_tol,
-        dode_probes=args.dode_probes,
-        faithful=args.faithful,
-        slice_range=parse_slice_range(args.slices),
-        seed=args.seed,
-    )
+    return from_namespace(args)
 
 
 def _cmd_detect(args: argparse.Namespace, progress) -> int:
@@ -190,7 +179,7 @@ def _cmd_detect(args: argparse.Namespace, progress) -> int:
 
     def work(tmp: Path) -> dict:
         result = detect(inputs, bundle=bundle, options=options, progress=progress)
-        write_result(result, tmp, fmt=args.format, overview=not args.no_overview)
+        write_result(result, tmp, fmt=args.format, overview=not args.no_overview, options=options)
         return result.summary
 
     summary = _atomic_folder(out, work)
@@ -202,6 +191,97 @@ def _cmd_detect(args: argparse.Namespace, progress) -> int:
     )
     print(f"outputs in {out}: {', '.join(summary['outputs'].values())}")
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace, progress) -> int:
+    """``batch``: every case of a folder or CSV through ``detect`` (see :mod:`.batch`). Exit status:
+    the number of failed cases (at most 100); a batch that cannot start exits 2 like ``detect``."""
+    from dataclasses import replace
+
+    from .batch import distributed_env, find_cases, fingerprint, merge, parse_shard, run_cases, select_shard
+    from .bundle import open_bundle
+    from .outputs import check_format
+
+    options = _detect_options(args)
+    if args.format:
+        check_format(args.format)
+    cases = find_cases(args.input)
+    shard = parse_shard(args.shard) if args.shard else None
+    dist = distributed_env()
+    if dist is not None and shard is not None:
+        raise InputError("--shard and torchrun both split the cases; use one of them")
+    bundle = open_bundle(args.bundle)  # read and verified once for every case
+    overview = not args.no_overview
+    fp = fingerprint(bundle, options, args.format, overview)
+    out = Path(args.out)
+
+    def aggregate() -> int:
+        agg = merge(cases, out, bundle, options, fp, args.input)
+        print(
+            f"{agg['cases']} cases: {agg['ok']} ok, {agg['failed']} failed, {agg['skipped']} not run; "
+            f"table {out / 'cases.csv'}, aggregate {out / 'summary.json'}"
+        )
+        for case_id, error in agg["failed_cases"].items():
+            print(f"failed: {case_id}: {error}", file=sys.stderr)
+        return min(agg["failed"], 100)
+
+    if args.merge_only:
+        if not out.is_dir():
+            raise InputError(f"--merge-only: no batch folder '{out}'")
+        return aggregate()
+
+    index, count, run_options = 0, 1, options
+    if shard is not None:
+        index, count = shard
+    if dist is not None:
+        import datetime
+
+        import torch
+        import torch.distributed as torch_dist
+
+        index, count, local = dist
+        if options.device in ("auto", "cuda") and torch.cuda.is_available():
+            run_options = replace(options, device=f"cuda:{local}")
+        # only a barrier crosses processes (gloo on CPU and GPU alike); ranks may finish hours apart
+        torch_dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    mine = select_shard(cases, index, count)
+    label = f"shard {index}/{count}: " if count > 1 else ""
+
+    def line(i: int, total: int, rec: dict, skipped: bool) -> None:
+        if skipped:
+            what = "up to date (same bundle and settings), not run again"
+        elif rec["status"] == "ok":
+            vol = rec.get("lesion_volume_ml")
+            what = f"ok, {rec['verdict']}" + (f", {vol} mL" if vol is not None else "") + f", {rec['time_s']} s"
+        else:
+            what = f"failed: {rec['error']}"
+        print(f"{label}[{i + 1}/{total}] {rec.get('id')}: {what}", flush=True)
+
+    records = run_cases(
+        mine,
+        out,
+        bundle,
+        run_options,
+        fp,
+        fmt=args.format,
+        overview=overview,
+        force=args.force,
+        progress=progress,
+        on_case=line,
+    )
+    failed_here = sum(r.get("status") == "failed" for r in records)
+    if dist is not None:
+        torch_dist.barrier()
+        try:
+            if index == 0:
+                return aggregate()
+        finally:
+            torch_dist.destroy_process_group()
+        return min(failed_here, 100)
+    if count > 1:
+        print(f"{label}{len(mine)} cases, {failed_here} failed; after the last shard, rerun with --merge-only")
+        return min(failed_here, 100)
+    return aggregate()
 
 
 def _print_warnings(summary: dict) -> None:
@@ -308,28 +388,45 @@ def _atomic_folder(out: Path, work):
             shutil.rmtree(out, ignore_errors=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="anomaly-diffusion", description="Diffusion-model anomaly detection for brain MRI."
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument(
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``error: ...``, status 2), as every other failure of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """``--progress`` and ``-v``: on the main parser with their defaults, and on every command with
+    no default (so that ``detect --progress none`` works and an absent one keeps the main value)."""
+    kw = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument(
         "--progress",
         choices=("bar", "jsonl", "none"),
-        default="bar",
         help="progress display: bar (terminal), jsonl (one JSON line per step on stdout), none",
+        **(kw or {"default": "bar"}),
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="anomaly-diffusion", description="Diffusion-model anomaly detection for brain MRI.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(p, suppress=False)
+    common = _Parser(add_help=False)
+    _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="make a phantom case with a lesion and run detect on it (embedded bundle)")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    d = command("demo", help="make a phantom case with a lesion and run detect on it (embedded bundle)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom seed (default {DEMO_SEED})")
     d.add_argument("--bundle", help="model bundle folder or zip (default: the embedded phantom-small bundle)")
     d.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: GPU if present")
     d.set_defaults(func=_cmd_demo)
 
-    det = sub.add_parser(
+    det = command(
         "detect",
         help="score slices and segment anomalies in one case",
         description="Score every brain slice (AnoDODE) and segment anomalies (AnoFPDM) in a FLAIR + T2 case; "
@@ -345,46 +442,38 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--t1ce", help="contrast-enhanced T1 volume (only for bundles trained with it)")
     det.add_argument("--bundle", help="model bundle folder or zip (default: the embedded phantom-small bundle)")
     det.add_argument("--out", required=True, help="output folder (created; files are replaced only on success)")
-    det.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N")
-    det.add_argument("--methods", help="fpdm, dode or fpdm,dode (default: all in the bundle)")
     det.add_argument("--format", help="output volume format: nii.gz, nii, nrrd, mha (default: FLAIR's)")
-    det.add_argument("--faithful", action="store_true", help="paper settings: every step, no early stop, no gating")
-    det.add_argument(
-        "--gate",
-        choices=("none", "dode"),
-        help="run AnoFPDM on all brain slices or only on those AnoDODE flags (± 1 neighbour); default: the bundle's",
-    )
-    det.add_argument("--w", type=float, help="AnoFPDM guidance strength (default: calibrated w*)")
-    det.add_argument("--steps", type=int, help="AnoFPDM forward steps of T = 1000 (default: the bundle's)")
-    det.add_argument("--stride", type=int, help="visit every N-th forward step (default: the bundle's)")
-    det.add_argument(
-        "--gap",
-        choices=("jump", "extrapolate"),
-        help="DDIM with a stride: one eq. 4 step across each gap (jump), or the stride-1 unit steps with ε "
-        "extrapolated from the last two visited steps (extrapolate; no extra network calls); default: the bundle's",
-    )
-    det.add_argument("--mode", choices=("ddim", "ddpm"), help="forward encoding (default: the bundle's)")
-    det.add_argument(
-        "--early-stop",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stop a slice's forward process after its M_t peak (default: the bundle's)",
-    )
-    det.add_argument("--cos-threshold", type=float, help="AnoFPDM slice classifier threshold (default: calibrated)")
-    det.add_argument("--dode-threshold", type=float, help="AnoDODE decision threshold in bpd (default: calibrated)")
-    det.add_argument("--dode-scales", help="subset of the bundle's AnoDODE input scales, e.g. 128,192")
-    det.add_argument("--dode-tol", type=float, help="AnoDODE ODE rtol = atol (default: the bundle's)")
-    det.add_argument(
-        "--dode-probes",
-        type=int,
-        help="Hutchinson probes averaged per slice for the AnoDODE bpd (default: the bundle's; more = less noise)",
-    )
-    det.add_argument("--slices", metavar="START:STOP", help="canonical axial slice range (inferior = 0)")
-    det.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     det.add_argument("--no-overview", action="store_true", help="skip overview.png")
+    add_options(det)
     det.set_defaults(func=_cmd_detect)
 
-    bu = sub.add_parser("bundle", help="inspect or verify a model bundle")
+    ba = command(
+        "batch",
+        help="detect on many cases (BraTS folder or CSV), resumable, sharded",
+        description="Run detect on every case of a BraTS-layout folder (2021 <id>_flair/_t2/_t1/_t1ce/_seg or "
+        "2023 <id>-t2f/-t2w/-t1n/-t1c/-seg names, one sub-folder per case) or of a CSV with columns "
+        "id,flair,t2[,t1,t1ce,truth]. The bundle is loaded once.",
+        epilog="Outputs: OUT/<id>/ with exactly what detect writes, OUT/cases.csv (one row per case: status, error, "
+        "verdict, lesion volume and slices, most anomalous slice, time, and DICE / lesion-slice sensitivity / "
+        "false-positive volume against a truth mask), OUT/summary.json (counts, mean/sd/median, settings, bundle), "
+        "OUT/_batch/<id>.json (per-case records). Rerunning skips cases already done with the same bundle and "
+        "settings. Exit status: the number of failed cases (at most 100); 2 if the batch cannot start. Under "
+        "torchrun each rank takes its share of the cases (and GPU LOCAL_RANK); rank 0 writes the table.",
+    )
+    ba.add_argument("--input", required=True, help="BraTS-layout folder or cases CSV")
+    ba.add_argument("--out", required=True, help="batch output folder (one sub-folder per case)")
+    ba.add_argument("--bundle", help="model bundle folder or zip (default: the embedded phantom-small bundle)")
+    ba.add_argument("--format", help="output volume format: nii.gz, nii, nrrd, mha (default: each FLAIR's)")
+    ba.add_argument("--no-overview", action="store_true", help="skip overview.png")
+    ba.add_argument("--force", action="store_true", help="redo cases that are already done")
+    ba.add_argument("--shard", metavar="I/N", help="run every N-th case starting at I (0-based), e.g. a Slurm array")
+    ba.add_argument(
+        "--merge-only", action="store_true", help="run nothing; rebuild cases.csv and summary.json from OUT"
+    )
+    add_options(ba)
+    ba.set_defaults(func=_cmd_batch)
+
+    bu = command("bundle", help="inspect or verify a model bundle")
     bu.add_argument(
         "action",
         choices=("info", "verify"),
@@ -393,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("path", nargs="?", default=None, help="bundle folder or zip (default: the embedded bundle)")
     bu.set_defaults(func=_cmd_bundle)
 
-    ph = sub.add_parser("phantom", help="write synthetic subjects as BraTS-style folders")
+    ph = command("phantom", help="write synthetic subjects as BraTS-style folders")
     ph.add_argument("--out", required=True, help="output folder (one sub-folder per subject)")
     ph.add_argument("--cases", type=int, default=1, help="number of subjects (default 1)")
     ph.add_argument("--seed", type=int, default=0, help="seed of the first subject (default 0)")
@@ -409,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--prefix", default="Case", help="subject name prefix (default Case → Case_0, Case_1, ...)")
     ph.set_defaults(func=_cmd_phantom)
 
-    i = sub.add_parser("info", help="print versions, device and data availability")
+    i = command("info", help="print versions, device and data availability")
     i.add_argument("--json", action="store_true", help="one line of JSON (for programs, e.g. the Slicer module)")
     i.set_defaults(func=_cmd_info)
     return p

@@ -77,6 +77,31 @@ def iou(pred: np.ndarray, truth: np.ndarray, empty: float = 1.0) -> float:
     return float(empty) if union == 0 else int((p & t).sum()) / union
 
 
+def lesion_slice_sensitivity(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the axial slices (axis 0) holding truth lesion voxels on which ``pred`` marks at least
+    one voxel; NaN when the truth is empty."""
+    p = np.asarray(pred, bool).reshape(len(pred), -1).any(1)
+    t = np.asarray(truth, bool).reshape(len(truth), -1).any(1)
+    return float("nan") if not t.any() else float((p & t).sum() / t.sum())
+
+
+def false_positive_volume(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> float:
+    """Volume (mL) of the voxels ``pred`` marks outside ``truth``; ``voxel_ml``: one voxel's volume."""
+    return float((np.asarray(pred, bool) & ~np.asarray(truth, bool)).sum()) * float(voxel_ml)
+
+
+def volume_level(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """A case's segmentation against its truth mask, as ``batch`` reports it: DICE over the whole
+    volume (1 when both are empty), lesion-slice sensitivity, false-positive and truth volumes (mL)."""
+    t = np.asarray(truth, bool)
+    return {
+        "dice": dice(pred, t),
+        "lesion_slice_sensitivity": lesion_slice_sensitivity(pred, t),
+        "false_positive_ml": false_positive_volume(pred, t, voxel_ml),
+        "truth_volume_ml": float(t.sum()) * float(voxel_ml),
+    }
+
+
 @dataclass(frozen=True)
 class PixelLevel:
     dice: float

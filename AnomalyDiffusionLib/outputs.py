@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,30 @@ import SimpleITK as sitk
 from .volumes import VOLUME_EXTENSIONS, volume_suffix, write_volume
 
 OUTPUT_FILES = ("segmentation", "heatmap", "slices.csv", "summary.json", "overview.png")
+
+
+def outputs_complete(folder: Path) -> dict | None:
+    """The ``summary.json`` of a finished output folder when every file it lists is there, else None."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        names = summary["outputs"].values()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return summary if all((folder / n).is_file() for n in names) else None
+
+
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dest`` (a sibling), replacing an older ``dest``. Each
+    step is one rename, so an interruption leaves either the old folder, no folder, or the new one,
+    never a mixture (a leftover ``.old-*`` sibling is removed by the next call for ``dest``)."""
+    old = dest.with_name(f".old-{dest.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def check_format(fmt: str) -> str:
@@ -37,8 +62,10 @@ def output_suffix(result, fmt: str | None = None) -> str:
     return (volume_suffix(src) if src else "") or ".nii.gz"
 
 
-def write_result(result, out: Path, fmt: str | None = None, overview: bool = True) -> dict[str, Path]:
-    """Write every output of ``result`` into folder ``out``; returns name → path."""
+def write_result(result, out: Path, fmt: str | None = None, overview: bool = True, options=None) -> dict[str, Path]:
+    """Write every output of ``result`` into folder ``out``; returns name → path. ``options`` (the
+    :class:`~AnomalyDiffusionLib.options.DetectOptions` of the run) go into ``summary.json`` as
+    ``options``: ``batch`` compares them to decide whether a case's outputs are up to date."""
     out.mkdir(parents=True, exist_ok=True)
     suffix = output_suffix(result, fmt)
     paths: dict[str, Path] = {}
@@ -48,6 +75,8 @@ def write_result(result, out: Path, fmt: str | None = None, overview: bool = Tru
         paths["heatmap"] = write_volume(result.heatmap, out / f"heatmap{suffix}")
     paths["slices.csv"] = write_table(result.rows, out / "slices.csv")
     summary = dict(result.summary)
+    if options is not None:
+        summary["options"] = options.as_summary()
     summary["outputs"] = {k: p.name for k, p in paths.items()}
     if overview:
         paths["overview.png"] = write_overview(result, out / "overview.png")

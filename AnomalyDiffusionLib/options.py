@@ -341,7 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 spec.flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=spec.help
             )
         else:
-            metavar = spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.kind == "choice" else name.upper())
+            metavar = spec.metavar or (
+                "{" + ",".join(spec.choices) + "}" if spec.kind == "choice" else spec.flag[2:].upper().replace("-", "_")
+            )
             parser.add_argument(spec.flag, dest=name, metavar=metavar, default=None, help=spec.help)
 
 

@@ -5,7 +5,9 @@ starts :class:`DetectProcess` with the command :func:`detect_command` builds, po
 timer (the GUI never blocks), and turns the result folder into scene nodes following
 :func:`output_plan`. Keeping these decisions here lets CI test them without Slicer:
 
-* the CLI command line (with Slicer's own Python, ``PythonSlicer``);
+* the CLI command line (with Slicer's own Python, ``PythonSlicer``), its detect options derived from
+  the one schema, :class:`~AnomalyDiffusionLib.options.DetectOptions` (checked before the process
+  starts), and the ``batch`` command line for many cases from Slicer's Python console;
 * parsing the ``--progress jsonl`` stream into one overall progress fraction and a status line;
 * cancelling: the CLI runs in its own process group / session, and Cancel ends the whole tree;
 * which output file becomes which node, with which name, colour and terminology entry;
@@ -27,6 +29,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from .options import DetectOptions, options_from_mapping
 
 #: share of the overall progress bar each pipeline stage takes (they run in this order)
 STAGE_WEIGHTS: dict[str, float] = {
@@ -42,6 +47,7 @@ STAGE_LABELS = {
     "fpdm": "Segmenting (AnoFPDM)",
     "dode localisation": "Localising (AnoDODE)",
     "writing": "Writing results",
+    "batch": "Batch",
 }
 
 #: the segment the labelmap's value 1 becomes
@@ -77,7 +83,9 @@ PLOT_SERIES = (
 # ------------------------------------------------------------------------------- command line
 @dataclass
 class DetectRequest:
-    """What the panel asks for. ``inputs``: modality → file path (FLAIR first)."""
+    """What the panel asks for. ``inputs``: modality → file path (FLAIR first). The named settings are
+    the panel's; ``options`` may set any other detect option by its
+    :class:`~AnomalyDiffusionLib.options.DetectOptions` field name (e.g. ``{"seed": 3}``)."""
 
     inputs: Mapping[str, str]
     out_dir: str
@@ -91,37 +99,68 @@ class DetectRequest:
     dode_scales: Sequence[int] | None = None
     faithful: bool = False
     output_format: str = "nrrd"  #: files handed back to Slicer (NRRD keeps geometry in doubles)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: the DetectRequest fields that are detect options (the rest: inputs, output folder, bundle, format)
+_REQUEST_OPTIONS = ("device", "methods", "w", "early_stop", "stride", "dode_threshold", "dode_scales", "faithful")
+
+
+def request_options(req: DetectRequest) -> DetectOptions:
+    """The request's detect options, checked by the schema (``InputError``, a ``ValueError``, names
+    the first bad value)."""
+    values: dict[str, Any] = {k: getattr(req, k) for k in _REQUEST_OPTIONS}
+    values["methods"] = tuple(values["methods"])
+    if values["dode_scales"] is not None:
+        values["dode_scales"] = tuple(int(s) for s in values["dode_scales"])
+    return options_from_mapping({**values, **dict(req.options)})
 
 
 def detect_command(req: DetectRequest, python: str | None = None) -> list[str]:
     """The exact ``anomaly-diffusion detect`` command line, run as a module of ``python``
-    (Slicer's ``PythonSlicer``; default: this interpreter)."""
+    (Slicer's ``PythonSlicer``; default: this interpreter). Options at their defaults are left out."""
     if "flair" not in req.inputs or "t2" not in req.inputs:
         raise ValueError("FLAIR and T2 volumes are required")
-    methods = [m for m in req.methods]
-    if not methods or any(m not in ("fpdm", "dode") for m in methods):
-        raise ValueError(f"methods must be fpdm and/or dode, not {methods}")
+    options = request_options(req)
     cmd = [python or sys.executable, "-m", "AnomalyDiffusionLib.cli", "--progress", "jsonl", "detect"]
     for name in ("flair", "t2", "t1", "t1ce"):
         if req.inputs.get(name):
             cmd += [f"--{name}", str(req.inputs[name])]
-    cmd += ["--out", str(req.out_dir), "--device", req.device, "--methods", ",".join(methods)]
-    cmd += ["--format", req.output_format]
+    cmd += ["--out", str(req.out_dir), "--format", req.output_format]
     if req.bundle:
         cmd += ["--bundle", str(req.bundle)]
-    if req.faithful:
-        cmd += ["--faithful"]
-    if req.w is not None:
-        cmd += ["--w", repr(float(req.w))]
-    if req.early_stop is not None:
-        cmd += ["--early-stop" if req.early_stop else "--no-early-stop"]
-    if req.stride is not None:
-        cmd += ["--stride", str(int(req.stride))]
-    if req.dode_threshold is not None:
-        cmd += ["--dode-threshold", repr(float(req.dode_threshold))]
-    if req.dode_scales:
-        cmd += ["--dode-scales", ",".join(str(int(s)) for s in req.dode_scales)]
-    return cmd
+    return cmd + options.to_argv()
+
+
+@dataclass
+class BatchRequest:
+    """A ``batch`` run: a BraTS-layout folder or cases CSV in, one folder per case out (see
+    :mod:`~AnomalyDiffusionLib.batch`). ``options``: detect options by field name."""
+
+    input: str
+    out_dir: str
+    bundle: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    output_format: str | None = None  #: None: each case's FLAIR format
+    force: bool = False
+    shard: tuple[int, int] | None = None  #: (I, N): every N-th case from I
+
+
+def batch_command(req: BatchRequest, python: str | None = None) -> list[str]:
+    """The exact ``anomaly-diffusion batch`` command line (progress as JSON lines, stage ``batch``),
+    for :class:`DetectProcess` from Slicer's Python console."""
+    options = options_from_mapping(req.options)
+    cmd = [python or sys.executable, "-m", "AnomalyDiffusionLib.cli", "--progress", "jsonl", "batch"]
+    cmd += ["--input", str(req.input), "--out", str(req.out_dir)]
+    if req.output_format:
+        cmd += ["--format", req.output_format]
+    if req.bundle:
+        cmd += ["--bundle", str(req.bundle)]
+    if req.force:
+        cmd += ["--force"]
+    if req.shard is not None:
+        cmd += ["--shard", f"{int(req.shard[0])}/{int(req.shard[1])}"]
+    return cmd + options.to_argv()
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -162,7 +201,9 @@ def parse_progress_line(line: str, state: ProgressState) -> ProgressState:
             stage = str(rec["stage"])
             frac = min(max(float(rec["fraction"]), 0.0), 1.0)
             weights_total = sum(STAGE_WEIGHTS.values())
-            if stage in STAGE_WEIGHTS:
+            if stage == "batch":  # a batch reports its overall fraction itself
+                overall = frac
+            elif stage in STAGE_WEIGHTS:
                 overall = (_stage_start(stage) + STAGE_WEIGHTS[stage] * frac) / weights_total
             else:
                 overall = state.fraction

@@ -60,10 +60,12 @@ def test_command_line_is_exact():
         stride=10,
         dode_scales=(128, 192),
     )
+    # detect options follow in the schema's order (options.DetectOptions), defaults left out
     assert detect_command(req, python="/slicer/bin/PythonSlicer") == [
         "/slicer/bin/PythonSlicer", "-m", "AnomalyDiffusionLib.cli", "--progress", "jsonl", "detect",
-        "--flair", "/d/f.nrrd", "--t2", "/d/t2.nrrd", "--out", "/tmp/o", "--device", "cpu", "--methods", "fpdm",
-        "--format", "nrrd", "--w", "2.0", "--no-early-stop", "--stride", "10", "--dode-scales", "128,192",
+        "--flair", "/d/f.nrrd", "--t2", "/d/t2.nrrd", "--out", "/tmp/o", "--format", "nrrd",
+        "--methods", "fpdm", "--device", "cpu", "--w", "2.0", "--stride", "10", "--no-early-stop",
+        "--dode-scales", "128,192",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="T2"):
         detect_command(DetectRequest(inputs={"flair": "f"}, out_dir="o"))

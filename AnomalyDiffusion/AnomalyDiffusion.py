@@ -11,6 +11,7 @@ Console / batch use (``Slicer --no-main-window --python-script``)::
     logic = slicer.util.getModuleLogic("AnomalyDiffusion")
     nodes = logic.process(flairNode, t2Node)                     # nodes in -> nodes out (blocking)
     summary = logic.processFiles("flair.nii.gz", "t2.nii.gz", "outdir")   # files in -> files out
+    table = logic.processBatch("/data/BraTS2021", "outdir")          # many cases (anomaly-diffusion batch)
 """
 
 from __future__ import annotations
@@ -937,6 +938,35 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         if not process.succeeded:
             raise RuntimeError(process.error_message())
         return json.loads((Path(outDir) / "summary.json").read_text())
+
+    def processBatch(
+        self, inputPath, outDir, bundle=None, options=None, force=False, outputFormat=None, progress=None
+    ) -> dict:
+        """Blocking: every case of a BraTS-layout folder or cases CSV through ``anomaly-diffusion batch``
+        (the same command line, in a child process): ``outDir/<id>/`` per case, ``outDir/cases.csv``.
+        ``options``: detect options by name (e.g. ``{"device": "cpu", "stride": 60}``). Returns the
+        aggregate ``outDir/summary.json`` (failed cases in its ``failed_cases``); raises
+        ``RuntimeError`` with the command's one-line error when the batch cannot start."""
+        bridge = _bridge()
+        request = bridge.BatchRequest(
+            input=str(inputPath),
+            out_dir=str(outDir),
+            bundle=bundle,
+            options=dict(options or {}),
+            force=force,
+            output_format=outputFormat,
+        )
+        process = bridge.DetectProcess(
+            bridge.batch_command(request, python=self.pythonExecutable()),
+            env=slicer.util.startupEnvironment(),
+            cwd=str(_libraryRoot()),
+        )
+        process.wait(progress=progress)
+        summary = Path(outDir) / "summary.json"
+        if process.cancelled or process.state.error or not summary.is_file():
+            raise RuntimeError(process.error_message())
+        logging.info("AnomalyDiffusion batch: %s", process.output_text())
+        return json.loads(summary.read_text())
 
     def loadPhantomCase(self, seed: int = 7, tick=None):
         """A synthetic case (FLAIR, T2, lesion labelmap) made by the library, loaded into the scene.

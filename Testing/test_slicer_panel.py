@@ -876,3 +876,36 @@ def test_outputs_follow_the_flairs_transform(module, tmp_path):
     for kind in ("segmentation", "heatmap"):
         calls = scene.GetNodeByID(result["nodes"][kind]).calls
         assert ("SetAndObserveTransformNodeID", (transform.id,)) in calls, kind
+
+
+def test_console_batch_runs_the_batch_command(module, monkeypatch, tmp_path):
+    """``logic.processBatch``: the bridge's ``batch`` command line in a child process; returns the
+    aggregate, or raises with the command's one-line error."""
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "pythonExecutable", staticmethod(lambda: "PythonSlicer"))
+    commands = []
+
+    def fake_process(command, env=None, cwd=None):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"cases": 2, "ok": 1, "failed": 1}))
+        return FakeProcess([0.5, 1.0], rc=1)  # exit status 1: one case failed
+
+    monkeypatch.setattr(slicer_bridge, "DetectProcess", fake_process)
+    logic = module.AnomalyDiffusionLogic()
+    agg = logic.processBatch(tmp_path / "brats", tmp_path / "out", options={"device": "cpu", "stride": 60})
+    assert agg == {"cases": 2, "ok": 1, "failed": 1}
+    assert commands == [
+        ["PythonSlicer", "-m", "AnomalyDiffusionLib.cli", "--progress", "jsonl", "batch", "--input",
+         str(tmp_path / "brats"), "--out", str(tmp_path / "out"), "--device", "cpu", "--stride", "60"]
+    ]  # fmt: skip
+
+    def failing(command, env=None, cwd=None):
+        proc = FakeProcess([], rc=2)
+        proc.state.error = "batch input not found: 'x' (a BraTS-layout folder or a CSV)"
+        proc.error_message = lambda: proc.state.error
+        return proc
+
+    monkeypatch.setattr(slicer_bridge, "DetectProcess", failing)
+    with pytest.raises(RuntimeError, match="batch input not found"):
+        logic.processBatch(tmp_path / "x", tmp_path / "out2")

@@ -228,7 +228,7 @@ def _cmd_batch(args: argparse.Namespace, progress) -> int:
     if args.merge_only:
         if not out.is_dir():
             raise InputError(f"--merge-only: no batch folder '{out}'")
-        return aggregate()
+        return aggregate() if dist is None or dist[0] == 0 else 0  # under torchrun rank 0 only
 
     index, count, run_options = 0, 1, options
     if shard is not None:

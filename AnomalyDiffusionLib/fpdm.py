@@ -521,7 +521,14 @@ def classify_slices(result: ForwardResult, cal: Calibration) -> np.ndarray:
     return np.asarray(result.cosine) <= cal.cos_threshold
 
 
-def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: bool = True) -> Segmentation:
+def segment(
+    result: ForwardResult,
+    cal: Calibration,
+    use: str = "h",
+    classify: bool = True,
+    unhealthy: np.ndarray | None = None,
+    floor: float | None = None,
+) -> Segmentation:
     """Threshold maps into masks, as in the reference code.
 
     With ``cal.foreground_only`` the maps are first zeroed outside the brain (and masks kept inside
@@ -532,6 +539,8 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
     reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
     slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
     whose cosine is above the calibrated threshold are called healthy and get an empty mask.
+    ``unhealthy`` [N] bool replaces that call (e.g. the per-volume decision of
+    :mod:`~AnomalyDiffusionLib.selfcal`); ``floor`` is a lower bound on every slice's Q*.
     """
     maps_c = result.h if use == "h" else result.s_te
     if cal.foreground_only and result.foreground is not None:
@@ -539,7 +548,10 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
     n, c, s, _ = maps_c.shape
     if len(cal.m_max) != c:
         raise ValueError(f"calibration has M_max for {len(cal.m_max)} channel(s), maps have {c}")
-    unhealthy = classify_slices(result, cal) if classify else np.ones(n, bool)
+    if unhealthy is not None:
+        unhealthy = np.asarray(unhealthy, bool)
+    else:
+        unhealthy = classify_slices(result, cal) if classify else np.ones(n, bool)
     min_px = round(cal.min_component * (s / 128.0) ** 2)
     q = np.zeros((n, c), np.float32)
     thr = np.zeros(n, np.float32)
@@ -556,6 +568,8 @@ def segment(result: ForwardResult, cal: Calibration, use: str = "h", classify: b
             thr[i] = np.mean([np.quantile(maps_c[i, j][fg], lv[j]) for j in range(c)])
         else:
             thr[i] = np.mean([np.quantile(maps_c[i, j], q[i, j]) for j in range(c)])
+        if floor is not None:
+            thr[i] = max(float(thr[i]), float(floor))
         if cal.median_size > 1:
             maps[i] = ndimage.median_filter(maps[i], size=cal.median_size, mode="reflect")
         if unhealthy[i]:

@@ -124,7 +124,10 @@ def detect(
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
-    methods = tuple(opt.methods) if opt.methods else tuple(b.methods)
+    # the user's choice, else the bundle's default methods (a bundle may ship a method it leaves off,
+    # with the reason in its manifest), else all it has
+    default_methods = b.manifest.get("pipeline", {}).get("default_methods") or b.methods
+    methods = tuple(opt.methods) if opt.methods else tuple(default_methods)
     unknown = [m for m in methods if m not in b.methods]
     if unknown:
         raise InputError(f"bundle '{b.name}' has no {', '.join(unknown)} model (it has {', '.join(b.methods)})")
@@ -164,6 +167,9 @@ def detect(
     report(progress, "reading", 1.0, f"{len(idx)} brain slices")
     shortcuts: list[str] = []
     warnings: list[str] = []
+    extras: dict = {}
+    fpdm_reliability = None
+    dode_reliability = None
     summary_methods: dict = {}
     heat_model = None
     masks_model = None
@@ -215,11 +221,18 @@ def detect(
         score = per_scale.mean(1)
         thr = opt.dode_threshold if opt.dode_threshold is not None else d.get("decision_threshold")
         dode_flag = score >= thr if thr is not None else np.zeros(len(idx), bool)
+        from .selfcal import robust_z, slice_covariates
+
+        # the case's own population: bpd relative to its slices of like area and position
+        dode_z = robust_z(score, slice_covariates(brain_area, pos[:, 2]))
+        dode_reliability = _dode_reliability(dode_flag, dode_z)
         for r, ps, s, f in zip(rows, per_scale, score, dode_flag, strict=True):
             for sc, v in zip(model.scales, ps, strict=True):
                 r[f"dode_bpd_{sc}"] = round(float(v), 5)
             r["dode_score"] = round(float(s), 5)
             r["dode_anomalous"] = bool(f)
+        for r, z in zip(rows, dode_z, strict=True):
+            r["dode_z"] = round(float(z), 3)
         summary_methods["dode"] = {
             "encoder": d["encoder"]["timm_name"],
             "encoder_pretrained": bool(d["encoder"]["pretrained"]),
@@ -252,11 +265,24 @@ def detect(
         for msg in calibration_mismatches(st, cal, b.manifest["fpdm"].get("calibrated_stride")):
             warnings.append(msg)
             log.warning("%s", msg, extra={SUMMARY_WARNING: True})
+        mode = opt.calibration or b.manifest.get("pipeline", {}).get("calibration", "bundle")
+        if mode not in ("bundle", "volume"):
+            raise InputError(f"calibration must be 'bundle' or 'volume', not {mode!r}")
         if opt.cos_threshold is not None:
+            if mode == "volume":
+                raise InputError(
+                    "--cos-threshold sets the bundle calibration's slice threshold; "
+                    "use it with --calibration bundle (volume calibration decides from the case's own slices)"
+                )
             cal = replace(cal, cos_threshold=float(opt.cos_threshold))
         gate = "none" if opt.faithful else (opt.gate or b.manifest.get("pipeline", {}).get("gate", "none"))
         if gate not in ("none", "dode"):
             raise InputError(f"gate must be 'none' or 'dode', not {gate!r}")
+        if gate == "dode" and mode == "volume":
+            raise InputError(
+                "volume calibration needs the forward process of every brain slice; use --gate none "
+                "or --calibration bundle"
+            )
         run = np.ones(len(idx), bool)
         if gate == "dode":
             if dode_flag is None:
@@ -287,25 +313,46 @@ def detect(
                 progress=progress,
                 cancel=cancel,
             )
-            seg = segment(res, cal)
+            segs = {"bundle": segment(res, cal)}
+            vol_info = None
+            if gate == "none":  # the volume decision needs every brain slice's forward process
+                segs["volume"], vol_info = _volume_segmentation(res, cal, segs["bundle"], brain_area, pos[:, 2])
+            seg = segs[mode]
+            extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running
             maps[sel] = seg.maps
             masks[sel] = seg.masks
+            for name, sg in segs.items():
+                full = np.zeros_like(masks)
+                full[sel] = sg.masks
+                extras.setdefault("fpdm_model_masks", {})[name] = full
             for j, i in enumerate(sel):
                 r = rows[i]
                 r["fpdm_ran"] = True
                 r["fpdm_cosine"] = round(float(res.cosine[j]), 7)
                 r["fpdm_unhealthy"] = bool(seg.unhealthy[j])
+                for name, sg in segs.items():
+                    r[f"fpdm_unhealthy_{name}"] = bool(sg.unhealthy[j])
+                if vol_info is not None:
+                    r["fpdm_z_cosine"] = round(float(vol_info["z_cosine"][j]), 3)
+                    r["fpdm_z_m"] = round(float(vol_info["z_m"][j]), 3)
                 for c, m in enumerate(map_mods):
                     r[f"fpdm_t_e_{m}"] = int(res.t_e[j, c]) + 1  # paper steps are 1-based
                     r[f"fpdm_m_te_{m}"] = float(f"{res.m_te[j, c]:.6g}")
                 r["fpdm_q_star"] = float(f"{seg.thresholds[j]:.6g}")
             calls = res.network_calls
+            fpdm_reliability = _fpdm_reliability(res, cal, segs, vol_info)
         else:
             calls = 0
+            vol_info = None
+            fpdm_reliability = None
         heat_model, masks_model = maps, masks
         summary_methods["fpdm"] = {
             "settings": st.as_dict(),
+            "calibration_mode": mode,
             "calibration": cal.as_dict(),
+            "volume_calibration": None
+            if vol_info is None
+            else {k: v for k, v in vol_info.items() if k not in ("z_cosine", "z_m")},
             "gate": gate,
             "slices_run": len(sel),
             "network_calls": int(calls),
@@ -326,20 +373,23 @@ def detect(
     labelmap = None
     lesion_ml = None
     if masks_model is not None:
-        labelmap = reassemble(case, masks_model.astype(np.uint8), idx, fit, kind="label")
-        lab = case.reorientation.to_canonical(sitk.GetArrayFromImage(labelmap))
-        lab &= case.mask.astype(lab.dtype)  # never outside the brain
-        labelmap = case.to_original(lab, sitk.sitkUInt8)
+        labelmap, lab = labelmap_from_model(case, masks_model, idx, fit)
         per_slice = lab.reshape(lab.shape[0], -1).sum(1)
         for r in rows:
             r["lesion_area_mm2"] = round(float(per_slice[r["slice"]]) * voxel_mm2, 1)
         voxel_ml = float(np.prod(case.spacing)) / 1000.0
         lesion_ml = float(lab.sum()) * voxel_ml
     timings["outputs"] = time.perf_counter() - t
+    reliability = _reliability(fpdm_reliability, dode_reliability)
+    if reliability["messages"]:
+        msg = "results may be unreliable: " + "; ".join(reliability["messages"])
+        warnings.append(msg)
+        log.warning("%s", msg, extra={SUMMARY_WARNING: True})
     timings["total"] = time.perf_counter() - t_all
     summary = _summary(
         b, case, rows, pos, methods, summary_methods, shortcuts, warnings, lesion_ml, timings, device, opt
     )
+    summary["reliability"] = reliability
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,
@@ -352,7 +402,100 @@ def detect(
         model_maps=heat_model,
         model_masks=masks_model,
         fit=fit,
+        extras=extras,
     )
+
+
+def labelmap_from_model(
+    case: Case, masks_model: np.ndarray, idx: np.ndarray, fit: PlaneFit
+) -> tuple[sitk.Image, np.ndarray]:
+    """Model-space masks [K, S, S] of the slices ``idx`` → (uint8 labelmap on the input grid, its
+    canonical array [z, y, x]); never outside the brain."""
+    labelmap = reassemble(case, masks_model.astype(np.uint8), idx, fit, kind="label")
+    lab = case.reorientation.to_canonical(sitk.GetArrayFromImage(labelmap))
+    lab &= case.mask.astype(lab.dtype)  # never outside the brain
+    return case.to_original(lab, sitk.sitkUInt8), lab
+
+
+def _volume_segmentation(res, cal, bundle_seg, brain_area: np.ndarray, superior_mm: np.ndarray):
+    """AnoFPDM masks with the per-volume self-calibration (:mod:`~AnomalyDiffusionLib.selfcal`): slice
+    calls from the case's own cosine and M_{t_e} populations, Algorithm 1's M_max from the case, and
+    the case's healthy-slice map quantile as a floor under every Q*. Returns (Segmentation, info)."""
+    from .fpdm import segment
+    from .selfcal import NULL_QUANTILE, Z_SLICE, null_threshold, volume_decision, volume_m_max
+
+    dec = volume_decision(res.cosine, res.m_te, brain_area, superior_mm, bundle_seg.unhealthy)
+    cal_v = replace(cal, m_max=volume_m_max(res.m_te, dec.unhealthy, cal.m_max))
+    first = segment(res, cal_v, unhealthy=dec.unhealthy)
+    floor = None
+    if res.foreground is not None:
+        floor = null_threshold(first.maps, res.foreground, ~dec.unhealthy)
+    seg = segment(res, cal_v, unhealthy=dec.unhealthy, floor=floor) if floor is not None else first
+    info = {
+        "z_threshold": Z_SLICE,
+        "null_quantile": NULL_QUANTILE,
+        "null_threshold": floor,
+        "m_max": cal_v.m_max,
+        "fallback_to_bundle": bool(dec.fallback),
+        "slices_unhealthy": int(dec.unhealthy.sum()),
+        "z_cosine": dec.z_cosine,
+        "z_m": dec.z_m,
+    }
+    return seg, info
+
+
+#: a method flagging more than this share of a case's brain slices says nothing about where the lesion is
+UNINFORMATIVE_FRACTION = 0.6
+
+
+def _fpdm_reliability(res, cal, segs: dict, vol_info: dict | None) -> dict:
+    """How far the case lies from the bundle's calibration: the share of slices the bundle's cosine
+    threshold calls unhealthy, the case's median cosine and M_{t_e} against the threshold and M_max."""
+    n = len(res.cosine)
+    med_m = np.median(res.m_te, 0)
+    out = {
+        "median_cosine": round(float(np.median(res.cosine)), 5),
+        "bundle_cos_threshold": round(float(cal.cos_threshold), 5),
+        "median_m_te": [round(float(v), 5) for v in med_m],
+        "bundle_m_max": [round(float(v), 5) for v in cal.m_max],
+        "bundle_fraction_unhealthy": round(float(segs["bundle"].unhealthy.mean()), 3) if n else 0.0,
+        "volume_fraction_unhealthy": round(float(segs["volume"].unhealthy.mean()), 3) if "volume" in segs else None,
+    }
+    messages = []
+    if n and np.median(res.cosine) <= cal.cos_threshold:
+        messages.append(
+            f"AnoFPDM: the bundle's cosine threshold ({cal.cos_threshold:.3f}) calls most slices of this case "
+            f"unhealthy (median cosine {np.median(res.cosine):.3f}): the case is unlike the bundle's calibration data"
+        )
+    elif n and np.any(med_m > np.asarray(cal.m_max)):
+        messages.append(
+            "AnoFPDM: the typical slice of this case has a larger M_t_e than any calibration slice "
+            f"({', '.join(f'{v:.3f}' for v in med_m)} vs M_max {', '.join(f'{v:.3f}' for v in cal.m_max)})"
+        )
+    out["messages"] = messages
+    return out
+
+
+def _dode_reliability(flags: np.ndarray, z: np.ndarray) -> dict:
+    """AnoDODE on this case: the share of slices above the bundle's bpd threshold, and whether that is
+    too many to mean anything (:data:`UNINFORMATIVE_FRACTION`)."""
+    frac = float(np.mean(flags)) if len(flags) else 0.0
+    out = {"fraction_flagged": round(frac, 3), "informative": bool(frac <= UNINFORMATIVE_FRACTION)}
+    out["messages"] = (
+        []
+        if out["informative"]
+        else [
+            f"AnoDODE flags {frac:.0%} of the brain slices at the bundle's threshold, which says nothing about "
+            "where an anomaly is; its per-slice scores are relative at best (see dode_z in slices.csv)"
+        ]
+    )
+    return out
+
+
+def _reliability(fpdm: dict | None, dode: dict | None) -> dict:
+    """summary.json's ``reliability`` block: per method figures and one list of messages."""
+    messages = [m for part in (fpdm, dode) if part for m in part["messages"]]
+    return {"fpdm": fpdm, "dode": dode, "messages": messages}
 
 
 def _dode_heatmaps(b: Bundle, model, vol, idx, fit, device, seed, progress, cancel) -> np.ndarray:

@@ -10,6 +10,11 @@ two CPU cores with the default bundle.
   python benchmarks/volume_speed.py                       # default bundle, one case, CPU
   python benchmarks/volume_speed.py --cases 3 --faithful  # the papers' settings (much slower)
   python benchmarks/volume_speed.py --bundle my.zip --device cuda
+  python benchmarks/volume_speed.py --compare old-bundle/   # side by side: ratio of wall times
+
+With ``--compare``, every case runs with each bundle in turn (default bundle first, then each
+``--compare`` bundle, case by case, so a busy machine slows them alike), and the last line gives
+each bundle's mean wall time relative to the first.
 """
 
 from __future__ import annotations
@@ -70,33 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=500, help="seed of the first case (default 500)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--faithful", action="store_true", help="the papers' settings instead of the bundle's shortcuts")
+    p.add_argument(
+        "--compare", action="append", default=[], metavar="BUNDLE", help="also run this bundle on every case"
+    )
     args = p.parse_args(argv)
-    rows = []
+    bundles = [args.bundle, *args.compare]
+    rows: dict[str, list[dict]] = {b: [] for b in bundles}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.cases):
-            cmd = [
-                sys.executable,
-                "-c",
-                CHILD,
-                str(args.seed + i),
-                tmp,
-                args.bundle,
-                args.device,
-                "1" if args.faithful else "0",
-            ]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                print(r.stderr, file=sys.stderr)
-                return r.returncode
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(json.dumps(row))
-    walls = [r["wall_s"] for r in rows]
-    print(
-        f"{len(rows)} case(s) of {rows[0]['size']}: wall {sum(walls) / len(walls):.1f} s/case "
-        f"(max {max(walls):.1f}), CPU {sum(r['cpu_s'] for r in rows) / len(rows):.1f} s/case, "
-        f"peak RSS {max(r['peak_rss_GB'] for r in rows):.2f} GB, device {rows[0]['device']}"
-    )
+            for b in bundles:
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(args.seed + i),
+                    tmp,
+                    b,
+                    args.device,
+                    "1" if args.faithful else "0",
+                ]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(r.stderr, file=sys.stderr)
+                    return r.returncode
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                row["bundle"] = b or "(embedded)"
+                rows[b].append(row)
+                print(json.dumps(row), flush=True)
+    means = {}
+    for b, rs in rows.items():
+        walls = [r["wall_s"] for r in rs]
+        means[b] = sum(walls) / len(walls)
+        print(
+            f"{b or '(embedded)'}: {len(rs)} case(s) of {rs[0]['size']}: wall {means[b]:.1f} s/case "
+            f"(max {max(walls):.1f}), CPU {sum(r['cpu_s'] for r in rs) / len(rs):.1f} s/case, "
+            f"peak RSS {max(r['peak_rss_GB'] for r in rs):.2f} GB, device {rs[0]['device']}"
+        )
+    if len(bundles) > 1:
+        ratios = ", ".join(f"{b}: {means[b] / means[bundles[0]]:.2f}" for b in bundles[1:])
+        print(f"wall time relative to {bundles[0] or '(embedded)'}: {ratios}")
     return 0
 
 

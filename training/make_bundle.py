@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decoder-scale", type=int, help="ship dode_decoder_<scale>.safetensors from the AnoDODE run")
     p.add_argument("--gate", choices=("none", "dode"), default="none", help="default AnoFPDM gating (default none)")
+    p.add_argument(
+        "--calibration",
+        choices=("bundle", "volume"),
+        default="bundle",
+        help="default AnoFPDM decision: the bundle's calibration (papers) or the case's own slices (default bundle)",
+    )
+    p.add_argument(
+        "--default-methods",
+        default=None,
+        help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
+    )
+    p.add_argument(
+        "--default-methods-reason",
+        default=None,
+        help="why a shipped method is off by default (recorded in the manifest and shown by bundle info)",
+    )
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="weight storage")
     p.add_argument("--zip", action="store_true", help="write one zip file instead of a folder")
     return p
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "training_data": args.training_data,
             "intended_use": args.intended_use,
             "methods": [],
-            "pipeline": {"gate": args.gate},
+            "pipeline": {"gate": args.gate, "calibration": args.calibration},
         }
         weights: dict = {}
         modalities = None
@@ -178,6 +194,18 @@ def main(argv: list[str] | None = None) -> int:
             weights.update(files)
             modalities = modalities or ["flair", "t2"]
             slice_size = slice_size or sec["slice_size"]
+        if args.default_methods:
+            default = [m.strip() for m in args.default_methods.split(",") if m.strip()]
+            unknown = [m for m in default if m not in manifest["methods"]]
+            if unknown or not default:
+                raise AnomalyDiffusionError(
+                    f"--default-methods {args.default_methods!r}: the bundle has {', '.join(manifest['methods'])}"
+                )
+            manifest["pipeline"]["default_methods"] = default
+            if args.default_methods_reason:
+                manifest["pipeline"]["default_methods_reason"] = args.default_methods_reason
+        elif args.default_methods_reason:
+            raise AnomalyDiffusionError("--default-methods-reason needs --default-methods")
         manifest["modalities"] = modalities
         manifest["slice_size"] = slice_size
         if args.version:

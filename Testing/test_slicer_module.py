@@ -393,3 +393,22 @@ def test_spin_box_decimals_match_the_override_comparison(ui):
     for name, key in (("guidanceSpinBox", "w"), ("thresholdSpinBox", "dode_threshold")):
         decimals = boxes[name].find("property[@name='decimals']/number").text
         assert int(decimals) == DISPLAY_DECIMALS[key], name
+
+
+def test_spin_box_ranges_lie_inside_the_options_schema(ui):
+    """Every value the panel's spin boxes can hold is one the options schema
+    (``AnomalyDiffusionLib.options``) accepts: the panel cannot start a run the CLI refuses."""
+    from AnomalyDiffusionLib.options import DetectOptions, specs
+
+    boxes = {w.get("name"): w for w in ui.iter("widget")}
+    for name, key in (("guidanceSpinBox", "w"), ("strideSpinBox", "stride"), ("thresholdSpinBox", "dode_threshold")):
+        box = boxes[name]
+        values = []
+        for bound, default in (("minimum", 0), ("maximum", 99)):  # Qt's defaults when the .ui leaves one out
+            prop = box.find(f"property[@name='{bound}']/*")
+            values.append(float(prop.text) if prop is not None else default)
+        spec = specs()[key]
+        assert spec.minimum is None or values[0] >= spec.minimum, name
+        assert spec.maximum is None or values[1] <= spec.maximum, name
+        for v in values:
+            DetectOptions(**{key: int(v) if spec.kind == "int" else v})  # accepted, no InputError

@@ -52,7 +52,7 @@ FORMAT = "anomaly-diffusion-bundle"
 FORMAT_VERSION = "1.0"
 METHODS = ("fpdm", "dode")
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-#: where the embedded default bundle lives in a source checkout / the Slicer extension
+#: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 
 
@@ -62,7 +62,8 @@ class BundleError(AnomalyDiffusionError):
 
 # ------------------------------------------------------------------------------------ schema
 #: required keys → accepted types (a tuple means any of them); nested sections checked separately
-_TOP = {
+_Spec = dict[str, type | tuple[type, ...]]
+_TOP: _Spec = {
     "format": str,
     "format_version": str,
     "name": str,
@@ -74,14 +75,14 @@ _TOP = {
     "slice_size": int,
     "files": dict,
 }
-_FPDM = {
+_FPDM: _Spec = {
     "weights": str,
     "network": dict,
     "schedule": dict,
     "settings": dict,
     "calibration": dict,
 }
-_FPDM_CAL = {
+_FPDM_CAL: _Spec = {
     "w": (int, float),
     "cos_threshold": (int, float),
     "m_max": list,
@@ -90,7 +91,7 @@ _FPDM_CAL = {
     "median_size": int,
     "min_component": int,
 }
-_DODE = {
+_DODE: _Spec = {
     "modality": str,
     "encoder": dict,
     "sde": dict,
@@ -99,12 +100,13 @@ _DODE = {
     "likelihood": dict,
     "decision_threshold": (int, float, type(None)),
 }
-_ENCODER = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
-_SCORE = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
-_FILE = {"sha256": str, "bytes": int}
+_ENCODER: _Spec = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
+_SCORE: _Spec = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
+_FILE: _Spec = {"sha256": str, "bytes": int}
 
 
-def _require(d: object, spec: Mapping[str, type | tuple], where: str) -> None:
+def _require(d: object, spec: Mapping[str, type | tuple[type, ...]], where: str) -> dict:
+    """``d`` itself once it is an object with every key of ``spec`` of an accepted type."""
     if not isinstance(d, dict):
         raise BundleError(f"manifest: {where} must be an object")
     for key, typ in spec.items():
@@ -116,13 +118,13 @@ def _require(d: object, spec: Mapping[str, type | tuple], where: str) -> None:
             raise BundleError(f"manifest: {where}.{key} has the wrong type (bool)")
         if not isinstance(val, types):
             raise BundleError(f"manifest: {where}.{key} has the wrong type ({type(val).__name__})")
+    return d
 
 
 def validate_manifest(m: object) -> dict:
     """Check a manifest's schema and version; returns it. Raises :class:`BundleError` naming the
     first problem."""
-    _require(m, _TOP, "top level")
-    assert isinstance(m, dict)
+    m = _require(m, _TOP, "top level")
     if m["format"] != FORMAT:
         raise BundleError(f"not an AnomalyDiffusion bundle (format {m['format']!r}, expected {FORMAT!r})")
     try:
@@ -155,8 +157,7 @@ def validate_manifest(m: object) -> dict:
         if len(entry["sha256"]) != 64:
             raise BundleError(f"manifest: files['{name}'].sha256 is not a sha256 hex digest")
     if "fpdm" in methods:
-        f = m.get("fpdm")
-        _require(f, _FPDM, "fpdm")
+        f = _require(m.get("fpdm"), _FPDM, "fpdm")
         _require(f["calibration"], _FPDM_CAL, "fpdm.calibration")
         _need_file(m, f["weights"], "fpdm.weights")
         mc = f["settings"].get("map_channels")
@@ -169,8 +170,7 @@ def validate_manifest(m: object) -> dict:
         if f["network"].get("in_channels") != len(mods) or f["network"].get("image_size") != m["slice_size"]:
             raise BundleError("manifest: fpdm.network does not match the bundle's modalities/slice_size")
     if "dode" in methods:
-        d = m.get("dode")
-        _require(d, _DODE, "dode")
+        d = _require(m.get("dode"), _DODE, "dode")
         _require(d["encoder"], _ENCODER, "dode.encoder")
         _need_file(m, d["encoder"]["weights"], "dode.encoder.weights")
         if d["modality"] not in mods:
@@ -178,8 +178,7 @@ def validate_manifest(m: object) -> dict:
         if not d["scales"] or any(not isinstance(s, int) or s < 32 for s in d["scales"]):
             raise BundleError(f"manifest: dode.scales must be input sizes ≥ 32, not {d['scales']}")
         for s in d["scales"]:
-            sn = d["score_networks"].get(str(s))
-            _require(sn, _SCORE, f"dode.score_networks['{s}']")
+            sn = _require(d["score_networks"].get(str(s)), _SCORE, f"dode.score_networks['{s}']")
             _need_file(m, sn["weights"], f"dode.score_networks['{s}'].weights")
             c = sn["network"].get("in_channels")
             if len(sn["feature_mean"]) != c or len(sn["feature_std"]) != c:
@@ -382,7 +381,9 @@ def open_bundle(path: str | os.PathLike | None = None) -> Bundle:
 
 def default_bundle_path() -> Path:
     """The embedded default bundle: ``$ANOMALY_DIFFUSION_BUNDLE`` if set, else
-    ``Resources/Bundles/phantom-small`` next to the package (source checkout / Slicer extension)."""
+    ``Resources/Bundles/phantom-small`` beside the package (a source checkout, an editable install,
+    the Slicer extension), else inside it (``AnomalyDiffusionLib/Resources/Bundles``: the package data
+    of a built wheel, copied there by ``setup.py``)."""
     env = os.environ.get("ANOMALY_DIFFUSION_BUNDLE")
     if env:
         return Path(env)
@@ -392,8 +393,8 @@ def default_bundle_path() -> Path:
         if cand.exists():
             return cand
     raise BundleError(
-        "the embedded default bundle was not found (expected Resources/Bundles/phantom-small beside the "
-        "package); pass --bundle PATH or set ANOMALY_DIFFUSION_BUNDLE"
+        "the embedded default bundle was not found (expected Resources/Bundles/phantom-small beside or "
+        "inside the package); pass --bundle PATH or set ANOMALY_DIFFUSION_BUNDLE"
     )
 
 
@@ -535,6 +536,8 @@ def dode_section(
             "feature_std": [float(v) for v in std.std],
         }
     if decoder is not None:
+        if decoder_scale is None:
+            raise ValueError("a decoder needs its decoder_scale")
         name = f"dode_decoder_{decoder_scale}.safetensors"
         files[name] = decoder.state_dict()
         sec["decoder"] = {

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class SliceDataset:
         if not (f / "meta.json").is_file():
             raise InputError(f"'{f}' is not a slice dataset folder (no meta.json)")
         meta = json.loads((f / "meta.json").read_text())
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
         subjects, slices = [], []
         with open(f / "index.csv", newline="") as fh:
             for row in csv.DictReader(fh):
@@ -228,7 +228,7 @@ def slices_from_case(
     images = fit.to_model(np.moveaxis(vol[:, idx], 1, 0), "image", fill=-1.0)
     lesion = (seg[idx] > 0) if seg is not None else np.zeros((len(idx), *case.shape[1:]), bool)
     masks = fit.to_model(lesion.astype(np.float32), "mask").astype(np.uint8)
-    labels = lesion.reshape(len(idx), -1).any(1).astype(np.uint8)
+    labels = np.asarray(lesion.reshape(len(idx), -1).any(1), dtype=np.uint8)
     return SliceDataset(
         images=images.astype(np.float32),
         masks=masks,
@@ -363,7 +363,7 @@ def prepare_dataset(
         for w in writers.values():
             w.abort()
         raise
-    summary = {
+    summary: dict[str, Any] = {
         "seed": seed,
         "fractions": list(fractions),
         "modalities": list(modalities),
@@ -458,6 +458,7 @@ def open_slices(
         return ds
     from .phantom import PhantomOptions
 
+    assert phantom is not None  # exactly one of data / phantom, checked above
     return phantom_dataset(
         phantom,
         seed=phantom_seed,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -117,6 +118,17 @@ def unet_config(name: str, in_channels: int = 2, image_size: int | None = None) 
 
 
 # ---------------------------------------------------------------------------------------- layers
+_Conv = TypeVar("_Conv", nn.Conv1d, nn.Conv2d)
+
+
+def _zero_init(layer: _Conv) -> _Conv:
+    """``layer`` with weight and bias zeroed: a residual branch or output head that starts at zero."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
@@ -138,9 +150,9 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
         self.out_norm = _norm(out_ch)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        nn.init.zeros_(self.out_layers[-1].weight)
-        nn.init.zeros_(self.out_layers[-1].bias)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), _zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
         self.skip = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -158,9 +170,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.norm = _norm(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
-        self.proj = nn.Conv1d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = _zero_init(nn.Conv1d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -224,9 +234,7 @@ class UNet(nn.Module):
                     self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     self.up.append(nn.Conv2d(cur, cur, 3, padding=1))
                     res *= 2
-        self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,8 +71,8 @@ class EMA:
         self.updates += 1
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -181,7 +182,10 @@ def load_checkpoint(
         ema.warmup = ema_meta.get("warmup", "none") != "none"
         ema.updates = int(ema_meta.get("updates", meta["iteration"]))
     _unflatten_optimizer(opt, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch")))
+    torch_rng = tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch"))
+    if torch_rng is None:
+        raise AnomalyDiffusionError(f"checkpoint in '{folder}' lacks the torch random state")
+    torch.set_rng_state(torch_rng)
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     states = meta["numpy_rng"]
@@ -301,7 +305,7 @@ def train_loop(
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     rng = np.random.default_rng([seed, dist.rank])
     torch.manual_seed(seed * 1000 + dist.rank)
-    start, history = 0, []
+    start, history = 0, list[dict]()
     if resume:
         start, history, old_run = load_checkpoint(out, model, ema, opt, rng, rank=dist.rank)
         if run and old_run.get("model") != run.get("model"):
@@ -342,12 +346,13 @@ def train_loop(
         report(progress, "train", (it + 1) / iterations, f"loss {loss.item():.4f}")
         if (it + 1) % save_every == 0 or it + 1 == iterations:
             rng_states: np.random.Generator | list[dict] = rng
-            torch_states = None
+            torch_states: list[torch.Tensor] | None = None
             if dist.world > 1:  # every rank resumes its own random stream
-                rng_states = [None] * dist.world  # type: ignore[list-item]
-                torch.distributed.all_gather_object(rng_states, rng.bit_generator.state)
-                torch_states = [None] * dist.world
-                torch.distributed.all_gather_object(torch_states, torch.get_rng_state())
+                gathered_rng: list[Any] = [None] * dist.world
+                torch.distributed.all_gather_object(gathered_rng, rng.bit_generator.state)
+                gathered_torch: list[Any] = [None] * dist.world
+                torch.distributed.all_gather_object(gathered_torch, torch.get_rng_state())
+                rng_states, torch_states = gathered_rng, gathered_torch
             if dist.main:
                 save_checkpoint(out, model, ema, opt, it + 1, rng_states, history, run or {}, torch_states)
                 write_loss_log(out, history)

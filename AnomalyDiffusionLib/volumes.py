@@ -358,7 +358,8 @@ class Case:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Canonical array shape (z, y, x)."""
-        return self.mask.shape  # type: ignore[return-value]
+        z, y, x = self.mask.shape
+        return z, y, x
 
     def normalised(self, modalities: Sequence[str] | None = None, percentile: float = 99.0) -> np.ndarray:
         """``[C, z, y, x]`` float32 in [-1, 1], each modality normalised on the shared brain mask."""
@@ -536,7 +537,7 @@ def case_slices(
 def reassemble(
     case: Case,
     model_slices: np.ndarray,
-    indices: Sequence[int],
+    indices: Sequence[int] | np.ndarray,
     fit: PlaneFit,
     kind: str = "image",
     fill: float = 0.0,

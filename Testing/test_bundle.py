@@ -66,7 +66,7 @@ def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
 
 def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decoder(tmp_path):
     """The method-side loaders (the bundle module itself builds no network): each refuses a bundle
-    that lacks its method by name; the AnoDODE decoder is None when absent and round-trips when present."""
+    that lacks its method or the optional AnoDODE decoder by name; the decoder round-trips."""
     from AnomalyDiffusionLib.bundle import dode_section, write_bundle
     from AnomalyDiffusionLib.dode.decoder import Decoder
     from AnomalyDiffusionLib.dode.model import decoder_from_bundle
@@ -77,7 +77,8 @@ def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decode
         dode_from_bundle(only_fpdm)
     with pytest.raises(BundleError, match="no AnoFPDM model"):
         fpdm_from_bundle(only_dode)
-    assert decoder_from_bundle(only_dode) is None
+    with pytest.raises(BundleError, match="no AnoDODE localisation decoder"):
+        decoder_from_bundle(only_dode)
     torch.manual_seed(1)
     dm = dode_from_bundle(only_dode)
     dec = Decoder(192, base=4, mults=(2, 1))
@@ -86,9 +87,7 @@ def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decode
     )
     manifest = {k: v for k, v in only_dode.manifest.items() if k not in ("dode", "files")}
     with_dec = open_bundle(write_bundle(tmp_path / "dd", {**manifest, "dode": sec}, files))
-    got = decoder_from_bundle(with_dec)
-    assert got is not None
-    net, scale, settings = got
+    net, scale, settings = decoder_from_bundle(with_dec)
     assert scale == 64 and settings["steps"] == 7 and _state_equal(net, dec)
 
 

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,10 +63,13 @@ class EncoderSpec:
 class Encoder(nn.Module):
     """Stem + ``blocks[:stages]`` of a timm EfficientNet, frozen, in eval mode."""
 
+    mean: torch.Tensor  #: the variant's input scaling (buffers, not saved)
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, stages: int) -> None:
         super().__init__()
-        self.conv_stem, self.bn1 = net.conv_stem, net.bn1
-        self.blocks = nn.Sequential(*list(net.blocks)[:stages])
+        self.conv_stem, self.bn1 = cast(nn.Module, net.conv_stem), cast(nn.Module, net.bn1)
+        self.blocks = nn.Sequential(*list(_blocks(net))[:stages])
         cfg = getattr(net, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)  # the variant's own input scaling
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
@@ -142,9 +146,15 @@ def build_encoder(spec: EncoderSpec, weights_file: str | Path | None = None, sta
         net.load_state_dict(lite0_imagenet_state(spec.name), strict=True)
     else:
         net = timm.create_model(spec.name, pretrained=False)
-    if spec.stages < 1 or spec.stages > len(net.blocks):
-        raise AnomalyDiffusionError(f"{spec.name} has {len(net.blocks)} block stages; cannot keep {spec.stages}")
+    n_blocks = len(_blocks(net))
+    if spec.stages < 1 or spec.stages > n_blocks:
+        raise AnomalyDiffusionError(f"{spec.name} has {n_blocks} block stages; cannot keep {spec.stages}")
     return Encoder(net, spec.stages)
+
+
+def _blocks(net: nn.Module) -> nn.Sequential:
+    """The block stages of a timm EfficientNet."""
+    return cast(nn.Sequential, net.blocks)
 
 
 def to_rgb(slices: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def likelihood_scipy(
         probes = make_probe(z0.shape, probe, torch.Generator().manual_seed(seed), n_probes)
     else:
         probes = _checked_probes(probes, z0.shape)
-    out = {"logp": [], "prior": [], "delta": []}
+    out: dict[str, list[float]] = {"logp": [], "prior": [], "delta": []}
     nfe = 0
     for i in range(z0.shape[0]):
         p_i = _probe_rows(probes, slice(i, i + 1), z0.ndim)
@@ -217,15 +217,17 @@ def likelihood_torch(
     sizes = [int(np.prod(s)) for s in shapes]
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, not {probe!r}")
+    use: list[torch.Tensor | None]  # per scale; None: exact trace
     if probe == "exact":
-        probes = [None] * len(zs)
+        use = [None] * len(zs)
     elif probes is None:
         gen = torch.Generator().manual_seed(seed)
-        probes = [make_probe(z.shape, probe, gen, n_probes).to(device) for z in zs]
+        made = [make_probe(z.shape, probe, gen, n_probes) for z in zs]
+        use = [None if p is None else p.to(device) for p in made]
     else:
         if len(probes) != len(zs):
             raise ValueError(f"{len(probes)} probe tensor(s) for {len(zs)} feature scale(s)")
-        probes = [_checked_probes(p, z.shape).to(device) for p, z in zip(probes, zs, strict=True)]
+        use = [_checked_probes(p, z.shape).to(device) for p, z in zip(probes, zs, strict=True)]
     splits = [*sizes, len(zs)]
     y0 = torch.cat(
         [*(z.double().reshape(b, -1) for z in zs), torch.zeros(b, len(zs), dtype=torch.float64, device=device)], 1
@@ -240,7 +242,7 @@ def likelihood_torch(
         drifts, divs = [], []
         for k, fn in enumerate(fns):
             z = parts[k].float().reshape(b, *shapes[k])
-            f, div = drift_and_divergence(fn, sde, z, tt, probes[k])
+            f, div = drift_and_divergence(fn, sde, z, tt, use[k])
             drifts.append(f.double().reshape(b, -1))
             divs.append(div.double())
         return torch.cat([*drifts, torch.stack(divs, 1)], 1)

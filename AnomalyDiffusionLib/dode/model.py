@@ -147,21 +147,20 @@ def score_features(
     nfe = 0
     for i in range(0, n, batch_size):
         part = [zz[i : i + batch_size] for zz in z]
-        probes = None
-        if probe != "exact":
+        probes: list[torch.Tensor] | None = None
+        if probe != "exact":  # make_probe gives a tensor for every other kind
             gen = torch.Generator().manual_seed(seed + i)
-            probes = [make_probe(zz.shape, probe, gen, n_probes) for zz in part]
+            probes = [p for zz in part if (p := make_probe(zz.shape, probe, gen, n_probes)) is not None]
         if solver == "torch":
             res = likelihood_torch(
                 fns, part, eps=eps, probe=probe, rtol=rtol, atol=atol, method=method, steps=steps, probes=probes
             )
             nfe += res[0].nfe * len(part)  # one batched call per scale per evaluation
         else:
+            per_scale: list[torch.Tensor | None] = [None] * len(part) if probes is None else list(probes)
             res = [
-                likelihood_scipy(
-                    fn, zz, eps=eps, probe=probe, rtol=rtol, atol=atol, probes=None if probes is None else pr
-                )
-                for fn, zz, pr in zip(fns, part, probes or [None] * len(part), strict=True)
+                likelihood_scipy(fn, zz, eps=eps, probe=probe, rtol=rtol, atol=atol, probes=pr)
+                for fn, zz, pr in zip(fns, part, per_scale, strict=True)
             ]
             nfe += sum(r.nfe for r in res)  # one call per sample per evaluation
         out[i : i + batch_size] = np.stack([r.bpd for r in res], 1)
@@ -235,11 +234,12 @@ def dode_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> DODEModel
     )
 
 
-def decoder_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> tuple[Decoder, int, dict] | None:
-    """``(decoder, scale, settings)`` of a bundle's AnoDODE localisation decoder, or None if absent."""
+def decoder_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> tuple[Decoder, int, dict]:
+    """``(decoder, scale, settings)`` of a bundle's AnoDODE localisation decoder. The decoder is
+    optional (``manifest["dode"]["decoder"]`` is null without one): a bundle without it is refused."""
     dec = (b.manifest.get("dode") or {}).get("decoder")
     if dec is None:
-        return None
+        raise BundleError(f"bundle '{b.name}' holds no AnoDODE localisation decoder")
     cfg = dec["config"]
     net = Decoder(int(cfg["in_channels"]), base=int(cfg["base"]), mults=tuple(cfg["mults"]))
     load_weights(net, b.tensors(dec["weights"]), what=f"'{dec['weights']}' in bundle '{b.name}'")

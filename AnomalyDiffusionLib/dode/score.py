@@ -35,7 +35,11 @@ def score_config(name: str, channels: int, size: int, gaussian_skip: bool = True
     Maps of odd size (e.g. 3×3) or 2×2 use one level: a 1×1 level would leave GroupNorm one value
     per group, which normalises the signal away.
     """
-    presets = {"paper": (128, (1, 2), 2, 0.1), "small": (64, (1, 2), 1, 0.0), "tiny": (16, (1, 2), 1, 0.0)}
+    presets: dict[str, tuple[int, tuple[int, ...], int, float]] = {
+        "paper": (128, (1, 2), 2, 0.1),
+        "small": (64, (1, 2), 1, 0.0),
+        "tiny": (16, (1, 2), 1, 0.0),
+    }
     if name not in presets:
         raise ValueError(f"unknown score network config {name!r}; choose from {', '.join(presets)}")
     ch, mult, blocks, dropout = presets[name]

@@ -223,16 +223,21 @@ def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
 def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch):
     """With validation accuracy made to rise with w (w / (w + 1)), the grid 0, 1, 2 extends by 1.5×,
     two per round, up to the cap 5: rounds [3, 4.5] and [5], one forward pass each; w* = 5 (4.5's
-    0.818 < 0.99 × 0.833), and every round recorded with the reason."""
-    import json
-
-    import calibrate_fpdm
+    0.818 < 0.99 × 0.833), and every round recorded with the reason (the library's calibrate_fpdm,
+    which training/calibrate_fpdm.py runs)."""
     from conftest import make_tiny_bundle
+
+    import AnomalyDiffusionLib.calibrate as calibrate
+    from AnomalyDiffusionLib.bundle import open_bundle
+    from AnomalyDiffusionLib.datasets import load_or_make
+    from AnomalyDiffusionLib.fpdm import FPDMSettings
+    from AnomalyDiffusionLib.modelio import fpdm_from_bundle
 
     root = tmp_path / "prepared"
     phantom_dataset(1, seed=50, size=32, healthy_fraction=0.0, options=PhantomOptions(spacing=3.0)).save(root / "val")
-    bundle = make_tiny_bundle(tmp_path / "b", methods=("fpdm",))
-    real = calibrate_fpdm.select_guidance
+    model, *_ = fpdm_from_bundle(open_bundle(make_tiny_bundle(tmp_path / "b", methods=("fpdm",))))
+    x, ds = load_or_make(root, "val", None, ["flair", "t2"], 32, max_slices=8, seed=0)
+    real = calibrate.select_guidance
 
     def rising(cosines, labels, tolerance=0.99):
         _, table = real(cosines, labels, tolerance)
@@ -241,10 +246,9 @@ def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch
         best = max(v["accuracy"] for v in table.values())
         return max(w for w, v in table.items() if v["accuracy"] >= tolerance * best), table
 
-    monkeypatch.setattr(calibrate_fpdm, "select_guidance", rising)
-    args = ["--model", str(bundle), "--data", str(root), "--steps", "20", "--stride", "10", "--max-slices", "8"]
-    assert calibrate_fpdm.main([*args, "--w", "0,1,2", "--w-cap", "5", "--threads", "1", "--out", str(tmp_path)]) == 0
-    rep = json.loads((tmp_path / "calibration_fpdm_ddim.json").read_text())
+    monkeypatch.setattr(calibrate, "select_guidance", rising)
+    st = FPDMSettings(w=0.0, steps=20, stride=10, map_channels=(0, 1))
+    rep = calibrate.calibrate_fpdm(model, x, np.asarray(ds.labels), st, [2, 0, 1], w_cap=5)
     ext = rep["grid_extension"]
     assert ext["extended"] and [r["added"] for r in ext["rounds"]] == [[3.0, 4.5], [5.0]]
     assert "largest candidate w = 2" in ext["rounds"][0]["why"] and "w = 4.5" in ext["rounds"][1]["why"]
@@ -253,3 +257,17 @@ def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch
     }  # fmt: skip
     assert rep["calibration"]["w"] == 5.0 and rep["settings"]["w"] == 5.0 and rep["calibration"]["settings"]["w"] == 5.0
     assert rep["network_calls"] == 3 * 3  # three passes of the 3 visited steps (0, 10, 19), one batch
+    assert rep["validation"] == {"slices": 8, "unhealthy": int(np.sum(ds.labels)), "pixel_labels_used": False}
+    # without a cap the grid stays as given
+    plain = calibrate.calibrate_fpdm(model, x, np.asarray(ds.labels), st, [0, 1, 2], w_cap=0)
+    assert list(plain["table"]) == ["0.0", "1.0", "2.0"] and not plain["grid_extension"]["extended"]
+
+
+def test_calibrate_needs_both_healthy_and_unhealthy_slices():
+    from AnomalyDiffusionLib.calibrate import calibrate_fpdm
+    from AnomalyDiffusionLib.fpdm import FPDMSettings
+
+    x = np.zeros((4, 2, 32, 32), np.float32)
+    for labels in (np.zeros(4), np.ones(4)):
+        with pytest.raises(AnomalyDiffusionError, match="both healthy and unhealthy"):
+            calibrate_fpdm(torch.nn.Identity(), x, labels, FPDMSettings(), [0.0])

@@ -13,6 +13,8 @@ more forward pass per round, until the accuracy falls below the best at the top 
 reached; the report's "grid_extension" says which candidates each round added and why. M_t grows as (1 + w)²
 (eq. 13), so M_max is taken from the run at the chosen w*, and inference must use that w (detect
 warns otherwise). The calibration records the settings it was made with ("calibration"."settings").
+The logic is the library's (AnomalyDiffusionLib.calibrate.calibrate_fpdm); this script reads the
+model and the validation slices and writes the report.
 
 Writes calibration_fpdm_<mode>.json (settings for inference, the calibration, the table per w) and
 calibration_fpdm_<mode>.png (accuracy vs w, as in Fig. 5a) into --out (default: the model's folder).
@@ -28,26 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from AnomalyDiffusionLib.calibrate import calibrate_fpdm
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.fpdm import (
-    Calibration,
-    FPDMSettings,
-    channel_indices,
-    extend_guidance_grid,
-    forward_process_multi,
-    m_max_from,
-    select_guidance,
-)
+from AnomalyDiffusionLib.fpdm import FPDMSettings, channel_indices
 from AnomalyDiffusionLib.modelio import load_unet_any
 
 
@@ -125,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibrate(args) -> dict:
+    """The calibration report: :func:`~AnomalyDiffusionLib.calibrate.calibrate_fpdm` on the model and
+    validation slices the command line names, with their provenance."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -144,12 +141,9 @@ def calibrate(args) -> dict:
             seed=args.seed,
             progress=progress,
         )
-        labels = np.asarray(ds.labels).astype(bool)
-        if labels.all() or not labels.any():
-            raise AnomalyDiffusionError("validation needs both healthy and unhealthy slices (image-level labels)")
-        ws = sorted(float(w) for w in args.w.split(","))
+        ws = [float(w) for w in args.w.split(",")]
         st = FPDMSettings(
-            w=ws[0],
+            w=min(ws),
             steps=args.steps,
             stride=args.stride,
             gap=args.gap,
@@ -161,58 +155,29 @@ def calibrate(args) -> dict:
             clip_denoised=args.clip_denoised,
             batch_size=args.batch_size,
         )
-        t0 = time.perf_counter()
-        results = forward_process_multi(model, x, st, ws, seed=args.seed, device=device, progress=progress)
-        w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
-        rounds = {w: 0 for w in results}
-        extension = []
-        while args.w_cap > 0 and (more := extend_guidance_grid(table, cap=args.w_cap)) is not None:
-            top = max(table)
-            below = sorted(table)[-2] if len(table) > 1 else None
-            why = f"the best accuracy {table[top]['accuracy']:.4f} was at the largest candidate w = {top:g}" + (
-                f", above {table[below]['accuracy']:.4f} at w = {below:g}" if below is not None else ""
-            )
-            print(f"extending the w grid by {more}: {why}", file=sys.stderr)
-            results.update(forward_process_multi(model, x, st, more, seed=args.seed, device=device, progress=progress))
-            rounds.update({w: len(extension) + 1 for w in more})
-            extension.append({"added": more, "why": why})
-            w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, labels, args.tolerance)
-        seconds = time.perf_counter() - t0
-    best = results[w_star]
-    cal = Calibration(
-        w=w_star,
-        cos_threshold=table[w_star]["threshold"],
-        m_max=m_max_from(best, labels),
-        a=args.a,
-        b=args.b,
-        median_size=args.median_size,
-        min_component=args.min_component,
-        # image-level quantity (no pixel labels): how much of a lesion slice the brain covers
-        brain_fraction=float(best.foreground[labels.astype(bool)].mean()) if labels.any() else None,
-    )
-    settings = FPDMSettings(**{**st.__dict__, "w": w_star})
-    cal.settings = settings.calibration_dict()  # what the threshold and M_max hold for
+        res = calibrate_fpdm(
+            model,
+            x,
+            np.asarray(ds.labels),
+            st,
+            ws,
+            tolerance=args.tolerance,
+            w_cap=args.w_cap,
+            a=args.a,
+            b=args.b,
+            median_size=args.median_size,
+            min_component=args.min_component,
+            seed=args.seed,
+            device=device,
+            progress=progress,
+        )
+    source = str(args.data) if args.data else f"phantom x{args.phantom} seed {args.phantom_seed}"
     return {
         "method": "fpdm",
         "model": str(args.model),
         "model_iterations": meta.get("iterations"),
-        "settings": settings.as_dict(),
-        "calibration": cal.as_dict(),
-        "table": {str(w): {**v, "round": rounds[w]} for w, v in table.items()},
-        "grid_extension": {
-            "extended": bool(extension),
-            "rule": f"while the best accuracy is at the largest w (rising or level): 1.5x, two per round, "
-            f"up to w = {args.w_cap:g}",
-            "rounds": extension,
-        },
-        "validation": {
-            "slices": len(labels),
-            "unhealthy": int(labels.sum()),
-            "source": str(args.data) if args.data else f"phantom x{args.phantom} seed {args.phantom_seed}",
-            "pixel_labels_used": False,
-        },
-        "seconds": round(seconds, 1),
-        "network_calls": best.network_calls * (1 + len(extension)),
+        **res,
+        "validation": {**res["validation"], "source": source},
     }
 
 
@@ -239,6 +204,8 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("AnomalyDiffusionLib.calibrate").setLevel(logging.INFO)  # grid extension rounds
     try:
         report = calibrate(args)
     except (AnomalyDiffusionError, ValueError) as exc:

@@ -83,6 +83,7 @@ def calibrate_fpdm(
         w_star, table = select_guidance({w: r.cosine for w, r in results.items()}, lab, tolerance)
     seconds = time.perf_counter() - t0
     best = results[w_star]
+    fg = best.foreground  # brain fraction per slice
     cal = Calibration(
         w=w_star,
         cos_threshold=table[w_star]["threshold"],
@@ -92,7 +93,7 @@ def calibrate_fpdm(
         median_size=median_size,
         min_component=min_component,
         # image-level quantity (no pixel labels): how much of a lesion slice the brain covers
-        brain_fraction=float(best.foreground[lab].mean()),
+        brain_fraction=None if fg is None else float(fg[lab].mean()),
     )
     chosen = replace(st, w=w_star)
     cal.settings = chosen.calibration_dict()  # what the threshold and M_max hold for

@@ -31,6 +31,7 @@ from AnomalyDiffusionLib.bundle import is_bundle
 from AnomalyDiffusionLib.cli_support import add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make, read_bmad
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
+from AnomalyDiffusionLib.dode.evaluate import score_case
 from AnomalyDiffusionLib.dode.model import load_decoder, load_dode, score_slices
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.metrics import image_level, slice_references
@@ -78,47 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _score_options(args) -> dict:
+    """The command line's solver settings, as keyword arguments of ``score_slices``."""
+    return {
+        "solver": args.solver,
+        "probe": args.probe,
+        "seed": args.seed,
+        "rtol": args.rtol,
+        "atol": args.rtol,
+        "n_probes": args.probes,
+    }
+
+
 def _score(model, x, args) -> tuple[np.ndarray, np.ndarray]:
     """bpd per scale and the eq. 13 score of slices ``x`` with the command line's solver settings."""
-    return score_slices(
-        model,
-        x,
-        solver=args.solver,
-        probe=args.probe,
-        seed=args.seed,
-        rtol=args.rtol,
-        atol=args.rtol,
-        n_probes=args.probes,
-    )
-
-
-def score_real_case(model, folder: Path, size: int, args) -> dict:
-    """Score every axial slice with brain of a real FLAIR volume; compare lesion slices to the rest."""
-    from AnomalyDiffusionLib.datasets import slices_from_case
-    from AnomalyDiffusionLib.volumes import load_case, read_labelmap_like
-
-    flair = next(iter(sorted(folder.glob("*_fla*.nii*")) + sorted(folder.glob("*_flair.nii*"))), None)
-    seg = next(iter(sorted(folder.glob("*_seg.nii*"))), None)
-    if flair is None or seg is None:
-        raise AnomalyDiffusionError(f"no *_fla/*_flair and *_seg volumes in '{folder}'")
-    case = load_case({"flair": flair})
-    ds = slices_from_case(case, read_labelmap_like(seg, case), folder.name, ("flair",), size, min_brain_fraction=0.05)
-    _, score = _score(model, ds.images, args)
-    lab = np.asarray(ds.labels).astype(int)
-    out = {
-        "case": folder.name,
-        "slices": len(lab),
-        "lesion_slices": int(lab.sum()),
-        "mean_score_lesion": float(score[lab == 1].mean()),
-        "mean_score_other": float(score[lab == 0].mean()),
-        "per_slice": [
-            {"slice": int(k), "lesion": int(y), "score": round(float(v), 4)}
-            for k, y, v in zip(ds.slices, lab, score, strict=True)
-        ],
-    }
-    if 0 < lab.sum() < len(lab):
-        out["auroc"] = image_level(lab, score).auroc
-    return out
+    return score_slices(model, x, **_score_options(args))
 
 
 def load_slices(args, size: int):
@@ -193,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     if args.real_case is not None:
         try:
-            real = score_real_case(model, args.real_case, args.slice_size, args)
+            real = score_case(model, args.real_case, args.slice_size, **_score_options(args))
         except AnomalyDiffusionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

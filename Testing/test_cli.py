@@ -25,6 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # the whole demo: about 4 minutes on one thread
 def test_demo_runs_detect_and_matches_its_ground_truth(tmp_path):
     """The README's main job: detect with the embedded bundle on a phantom case, scored against the
     phantom's own lesion mask (acceptance of issue #5: lesion slices found, DICE ≥ 0.5, exact geometry)."""

@@ -319,6 +319,7 @@ def run_case(
             lesion_slice_first=lesion[0],
             lesion_slice_last=lesion[1],
             most_anomalous_slice=(s.get("most_anomalous_slice") or {}).get("slice"),
+            warnings=list(s.get("warnings") or []),
             **{k: _clean(v) for k, v in evaluation.items()},
         )
     except Cancelled:

@@ -246,8 +246,13 @@ def _cmd_batch(args: argparse.Namespace, progress) -> int:
         torch_dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     mine = select_shard(cases, index, count)
     label = f"shard {index}/{count}: " if count > 1 else ""
+    warned: set[str] = set()
 
     def line(i: int, total: int, rec: dict, skipped: bool) -> None:
+        for msg in rec.get("warnings", []):  # e.g. settings unlike the bundle's calibration: once, not per case
+            if msg not in warned:
+                warned.add(msg)
+                print(f"warning: {msg}", file=sys.stderr)
         if skipped:
             what = "up to date (same bundle and settings), not run again"
         elif rec["status"] == "ok":

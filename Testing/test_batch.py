@@ -232,7 +232,8 @@ def test_truth_masks_give_the_metrics_computed_by_hand(data, reference):
 
 def test_resume_skips_done_cases_force_and_new_settings_redo_them(data, reference, tmp_path, capsys):
     """A CSV naming one of the reference's cases, run into a copy of its folder: up to date (not run);
-    ``--force`` runs it again (same bytes); another seed is other settings (runs it)."""
+    ``--force`` runs it again (same bytes); another seed and stride are other settings (runs it, and
+    prints the calibration warning of detect once)."""
     ref, _ = reference
     folder, bundle = data
     out = tmp_path / "out"
@@ -248,13 +249,17 @@ def test_resume_skips_done_cases_force_and_new_settings_redo_them(data, referenc
     assert cli.main([*argv, "--force"]) == 0
     assert "Case_3: ok" in capsys.readouterr().out
     assert_same_case_outputs(ref, out, cases=["Case_3"])
-    assert cli.main([*argv, "--seed", "1"]) == 0
-    assert "Case_3: ok" in capsys.readouterr().out
+    assert cli.main([*argv, "--seed", "1", "--stride", "20"]) == 0
+    printed = capsys.readouterr()
+    assert "Case_3: ok" in printed.out
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
+    assert len(set(warnings)) == len(warnings)  # each once
+    assert sum(w.startswith("warning: AnoFPDM stride 20 differs from the stride 10") for w in warnings) == 1
     assert json.loads((out / "Case_3" / "summary.json").read_text())["options"]["seed"] == 1
 
     b = open_bundle(bundle)
     case = find_cases(sheet)[0]
-    fp = fingerprint(b, DetectOptions(seed=1, methods=("fpdm",), slice_range=(25, 37)), None, True)
+    fp = fingerprint(b, DetectOptions(seed=1, stride=20, methods=("fpdm",), slice_range=(25, 37)), None, True)
     assert up_to_date(out, case, fp)
     assert not up_to_date(out, case, fingerprint(b, DetectOptions(methods=("fpdm",), slice_range=(25, 37)), None, True))
     (out / "Case_3" / "heatmap.nii.gz").unlink()

@@ -527,7 +527,7 @@ def segment(
     use: str = "h",
     classify: bool = True,
     unhealthy: np.ndarray | None = None,
-    floor: float | None = None,
+    level: float | None = None,
 ) -> Segmentation:
     """Threshold maps into masks, as in the reference code.
 
@@ -539,8 +539,9 @@ def segment(
     reflect) and thresholded at Q*; components ≤ ``min_component`` pixels (scaled from 128² to the
     slice size) are removed. ``use="s_te"`` segments S_{t_e} instead of H. With ``classify``, slices
     whose cosine is above the calibrated threshold are called healthy and get an empty mask.
-    ``unhealthy`` [N] bool replaces that call (e.g. the per-volume decision of
-    :mod:`~AnomalyDiffusionLib.selfcal`); ``floor`` is a lower bound on every slice's Q*.
+    ``unhealthy`` [N] bool replaces that call; ``level`` replaces Algorithm 1: every slice is
+    thresholded at this value of the filtered map (the volume calibration of
+    :mod:`~AnomalyDiffusionLib.selfcal`; ``quantiles`` are then NaN).
     """
     maps_c = result.h if use == "h" else result.s_te
     if cal.foreground_only and result.foreground is not None:
@@ -558,9 +559,15 @@ def segment(
     maps = maps_c.mean(1)
     masks = np.zeros((n, s, s), bool)
     for i in range(n):
-        for j in range(c):
-            q[i, j] = quantile_level(float(result.m_te[i, j]), float(cal.m_max[j]), cal.a, cal.b)
-        if cal.foreground_only and cal.brain_fraction and result.foreground is not None:
+        if level is not None:  # one level for the whole case instead of Algorithm 1's quantiles
+            q[i] = np.nan
+            thr[i] = level
+        else:
+            for j in range(c):
+                q[i, j] = quantile_level(float(result.m_te[i, j]), float(cal.m_max[j]), cal.a, cal.b)
+        if level is not None:
+            pass
+        elif cal.foreground_only and cal.brain_fraction and result.foreground is not None:
             fg = result.foreground[i]
             if not fg.any():
                 continue  # no brain in this slice: empty mask
@@ -568,8 +575,6 @@ def segment(
             thr[i] = np.mean([np.quantile(maps_c[i, j][fg], lv[j]) for j in range(c)])
         else:
             thr[i] = np.mean([np.quantile(maps_c[i, j], q[i, j]) for j in range(c)])
-        if floor is not None:
-            thr[i] = max(float(thr[i]), float(floor))
         if cal.median_size > 1:
             maps[i] = ndimage.median_filter(maps[i], size=cal.median_size, mode="reflect")
         if unhealthy[i]:

@@ -36,6 +36,7 @@ from .devices import for_inference, resolve_device
 from .errors import InputError
 from .options import DetectOptions  # the options schema; re-exported here
 from .progress import CancelToken, ProgressCallback, report
+from .selfcal import DEFAULT_Z, robust_z, slice_covariates
 from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble, slice_indices
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,6 @@ def detect(
         score = per_scale.mean(1)
         thr = opt.dode_threshold if opt.dode_threshold is not None else d.get("decision_threshold")
         dode_flag = score >= thr if thr is not None else np.zeros(len(idx), bool)
-        from .selfcal import robust_z, slice_covariates
-
         # the case's own population: bpd relative to its slices of like area and position
         dode_z = robust_z(score, slice_covariates(brain_area, pos[:, 2]))
         dode_reliability = _dode_reliability(dode_flag, dode_z)
@@ -315,8 +314,9 @@ def detect(
             )
             segs = {"bundle": segment(res, cal)}
             vol_info = None
-            if gate == "none":  # the volume decision needs every brain slice's forward process
-                segs["volume"], vol_info = _volume_segmentation(res, cal, segs["bundle"], brain_area, pos[:, 2])
+            if gate == "none":  # the volume level needs every brain slice's forward process
+                z = float(b.manifest.get("pipeline", {}).get("volume_z", DEFAULT_Z))
+                segs["volume"], vol_info = _volume_segmentation(res, cal, z)
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running
             maps[sel] = seg.maps
@@ -332,9 +332,6 @@ def detect(
                 r["fpdm_unhealthy"] = bool(seg.unhealthy[j])
                 for name, sg in segs.items():
                     r[f"fpdm_unhealthy_{name}"] = bool(sg.unhealthy[j])
-                if vol_info is not None:
-                    r["fpdm_z_cosine"] = round(float(vol_info["z_cosine"][j]), 3)
-                    r["fpdm_z_m"] = round(float(vol_info["z_m"][j]), 3)
                 for c, m in enumerate(map_mods):
                     r[f"fpdm_t_e_{m}"] = int(res.t_e[j, c]) + 1  # paper steps are 1-based
                     r[f"fpdm_m_te_{m}"] = float(f"{res.m_te[j, c]:.6g}")
@@ -417,30 +414,19 @@ def labelmap_from_model(
     return case.to_original(lab, sitk.sitkUInt8), lab
 
 
-def _volume_segmentation(res, cal, bundle_seg, brain_area: np.ndarray, superior_mm: np.ndarray):
-    """AnoFPDM masks with the per-volume self-calibration (:mod:`~AnomalyDiffusionLib.selfcal`): slice
-    calls from the case's own cosine and M_{t_e} populations, Algorithm 1's M_max from the case, and
-    the case's healthy-slice map quantile as a floor under every Q*. Returns (Segmentation, info)."""
+def _volume_segmentation(res, cal, z: float):
+    """AnoFPDM masks with the per-volume calibration (:mod:`~AnomalyDiffusionLib.selfcal`): the filtered
+    map thresholded at the case's own robust level (median + z · 1.4826 · MAD over all its brain
+    pixels); a slice is unhealthy when a component survives. Returns (Segmentation, info)."""
     from .fpdm import segment
-    from .selfcal import NULL_QUANTILE, Z_SLICE, null_threshold, volume_decision, volume_m_max
+    from .selfcal import pixel_level
 
-    dec = volume_decision(res.cosine, res.m_te, brain_area, superior_mm, bundle_seg.unhealthy)
-    cal_v = replace(cal, m_max=volume_m_max(res.m_te, dec.unhealthy, cal.m_max))
-    first = segment(res, cal_v, unhealthy=dec.unhealthy)
-    floor = None
-    if res.foreground is not None:
-        floor = null_threshold(first.maps, res.foreground, ~dec.unhealthy)
-    seg = segment(res, cal_v, unhealthy=dec.unhealthy, floor=floor) if floor is not None else first
-    info = {
-        "z_threshold": Z_SLICE,
-        "null_quantile": NULL_QUANTILE,
-        "null_threshold": floor,
-        "m_max": cal_v.m_max,
-        "fallback_to_bundle": bool(dec.fallback),
-        "slices_unhealthy": int(dec.unhealthy.sum()),
-        "z_cosine": dec.z_cosine,
-        "z_m": dec.z_m,
-    }
+    maps = segment(res, cal, classify=False, level=np.inf).maps  # filtered maps only
+    fg = res.foreground if res.foreground is not None else np.ones(maps.shape, bool)
+    level = pixel_level(maps, fg, z)
+    seg = segment(res, cal, classify=False, level=level)
+    seg.unhealthy = seg.masks.reshape(len(seg.masks), -1).any(1)
+    info = {"z": float(z), "pixel_level": level, "slices_unhealthy": int(seg.unhealthy.sum())}
     return seg, info
 
 
@@ -471,6 +457,12 @@ def _fpdm_reliability(res, cal, segs: dict, vol_info: dict | None) -> dict:
         messages.append(
             "AnoFPDM: the typical slice of this case has a larger M_t_e than any calibration slice "
             f"({', '.join(f'{v:.3f}' for v in med_m)} vs M_max {', '.join(f'{v:.3f}' for v in cal.m_max)})"
+        )
+    vol = out["volume_fraction_unhealthy"]
+    if vol is not None and vol > UNINFORMATIVE_FRACTION:
+        messages.append(
+            f"AnoFPDM: the volume calibration finds anomalies on {vol:.0%} of the brain slices, which says little "
+            "about where a lesion is (a diffuse change, or a case unlike the bundle's training data)"
         )
     out["messages"] = messages
     return out

@@ -1,38 +1,47 @@
-"""Per-volume self-calibration: decisions from a case's own slice population (beyond both papers).
+"""Per-volume self-calibration: decisions from a case's own population (beyond both papers).
 
-Both papers decide per slice against thresholds fixed on a validation set: AnoFPDM's cosine threshold
-(eq. 18) and M_max of Algorithm 1, AnoDODE's bpd threshold. Those numbers hold for data like the
-validation set and fail under a shift of contrast, bias or resolution, which moves every slice of a
-case together. A volume gives more to work with: most of its slices are healthy, so the case itself
-says what "normal" looks like on this scanner.
+Both papers decide per slice against numbers fixed on a validation set: AnoFPDM's cosine threshold
+(eq. 18), and Algorithm 1's quantile levels set from M_{t_e}/M_max, which always select between 2 %
+and 10 % of the image (before the brain-fraction correction) of every slice called unhealthy. Those
+numbers hold for data like the validation set. Under a shift of contrast, bias or resolution every
+slice of a case moves together: the cosine threshold then calls all slices healthy (or all
+unhealthy), and a small lesion in a slice called unhealthy is drowned by the fixed share of pixels.
 
-- :func:`robust_z`: robust z-scores of a per-slice statistic after a robust (Huber) regression on
-  the slice's brain area and axial position, which explain most of its healthy variation (small
-  slices near the vertex or skull base look different from mid-brain slices). Scale = 1.4826 × MAD
-  of the residuals, so a healthy population is N(0, 1) whatever the scanner.
-- :func:`volume_decision`: AnoFPDM slice calls as outliers of the case's own cosine (low) and
-  M_{t_e} (high) populations, at a z fixed in advance (:data:`Z_SLICE`, the Iglewicz–Hoaglin
-  modified-z cut of 3.5), not tuned on any evaluation data.
-- :func:`volume_levels`: Algorithm 1's pixel level from the case: the pixel threshold is at least a
-  high quantile of the maps over the brain of the slices called healthy (the case's null
-  distribution), so a case whose maps are globally higher needs more evidence per pixel.
+A volume gives more to work with: most of its brain voxels are healthy, so the case itself says
+what its anomaly map looks like where nothing is wrong. The volume calibration thresholds the
+anomaly map (AnoFPDM's aggregated H, eq. 20, channel mean, median filtered, as in
+:func:`~AnomalyDiffusionLib.fpdm.segment`) at a robust z-score over **all brain pixels of the case**:
+``median + z × 1.4826 × MAD``. A lesion of up to a few tens of percent of the brain hardly moves the
+median and MAD, so the level tracks the case's own noise floor whatever the scanner; a slice is
+called anomalous when it keeps a mask component after the small-component filter. ``z`` is
+calibrated per bundle on its calibration phantoms (``pipeline.volume_z`` in the manifest;
+:data:`DEFAULT_Z` for bundles without it), never on evaluation cases.
 
-Everything here is a pure function of per-slice arrays.
+:func:`robust_z` gives the same kind of case-relative score per slice (after a robust regression on
+brain area and position) and turns AnoDODE's bpd into ``dode_z``.
+
+Everything here is a pure function of arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-#: robust z above which a slice is an outlier of its case (Iglewicz & Hoaglin's modified-z cut)
-Z_SLICE = 3.5
-#: the case's healthy-slice map quantile a pixel must reach to be segmented (volume mode)
-NULL_QUANTILE = 0.995
-#: fewer analysed slices than this and the population is too small to trust: fall back to the bundle
-MIN_SLICES = 12
 MAD_SCALE = 1.4826  # MAD of N(0, 1) is 1 / 1.4826
+#: robust z of the case's anomaly map above which a pixel is anomalous, for bundles that store none
+DEFAULT_Z = 8.0
+
+
+def pixel_level(maps: np.ndarray, foreground: np.ndarray, z: float = DEFAULT_Z) -> float:
+    """The volume calibration's pixel threshold: median + ``z`` · 1.4826 · MAD of ``maps`` [K, S, S]
+    over the brain pixels ``foreground`` [K, S, S] (bool) of every slice of the case. +inf when the
+    case has no brain pixel."""
+    values = np.asarray(maps, np.float64)[np.asarray(foreground, bool)]
+    if values.size == 0:
+        return float("inf")
+    med = float(np.median(values))
+    mad = MAD_SCALE * float(np.median(np.abs(values - med)))
+    return med + float(z) * mad
 
 
 def slice_covariates(brain_area: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -78,65 +87,3 @@ def robust_z(values: np.ndarray, covariates: np.ndarray | None = None, iteration
     if s <= 0:
         return np.zeros(k)
     return (r - np.median(r)) / s
-
-
-@dataclass
-class VolumeDecision:
-    """Per-slice volume-mode calls and the evidence behind them (all [K])."""
-
-    unhealthy: np.ndarray  #: bool
-    z_cosine: np.ndarray  #: robust z of the cosine's shortfall (large: guided and unguided diverge)
-    z_m: np.ndarray  #: robust z of log mean M_{t_e} (large: a large difference at t_e)
-    fallback: bool = False  #: too few slices: the bundle's decision was used instead
-
-
-def volume_decision(
-    cosine: np.ndarray,
-    m_te: np.ndarray,
-    brain_area: np.ndarray,
-    position: np.ndarray,
-    bundle_unhealthy: np.ndarray,
-    z_threshold: float = Z_SLICE,
-) -> VolumeDecision:
-    """AnoFPDM slice calls from the case's own population.
-
-    ``cosine`` [K] (eq. 18), ``m_te`` [K, C] (M_{t_e} per map channel), ``brain_area`` [K] (mm²),
-    ``position`` [K] (mm, superior), ``bundle_unhealthy`` [K] (the papers' call, used when the case has
-    fewer than :data:`MIN_SLICES` slices). A slice is unhealthy when the larger of its two robust z
-    (cosine shortfall, log M_{t_e}) reaches ``z_threshold``.
-    """
-    k = len(cosine)
-    if k < MIN_SLICES:
-        zero = np.zeros(k)
-        return VolumeDecision(np.asarray(bundle_unhealthy, bool), zero, zero, fallback=True)
-    x = slice_covariates(brain_area, position)
-    z_cos = robust_z(-np.asarray(cosine, float), x)
-    m = np.log(np.maximum(np.asarray(m_te, float).reshape(k, -1).mean(1), 1e-12))
-    z_m = robust_z(m, x)
-    unhealthy = np.maximum(z_cos, z_m) >= z_threshold
-    return VolumeDecision(unhealthy, z_cos, z_m)
-
-
-def volume_m_max(m_te: np.ndarray, unhealthy: np.ndarray, bundle_m_max: list[float]) -> list[float]:
-    """Algorithm 1's M_max for this case: the largest M_{t_e} per channel over the case's unhealthy
-    slices (the paper takes it over the validation set's), never below the bundle's. [C]"""
-    m = np.asarray(m_te, float).reshape(len(m_te), -1)
-    if not np.any(unhealthy):
-        return [float(v) for v in bundle_m_max]
-    own = m[np.asarray(unhealthy, bool)].max(0)
-    return [float(max(a, b)) for a, b in zip(own, bundle_m_max, strict=True)]
-
-
-def null_threshold(
-    maps: np.ndarray, foreground: np.ndarray, healthy: np.ndarray, quantile: float = NULL_QUANTILE
-) -> float | None:
-    """The case's null level: the ``quantile`` of the (filtered, channel-mean) maps [K, S, S] over
-    the brain pixels ([K, S, S] bool) of the slices called healthy ([K] bool). None when there are
-    no healthy brain pixels."""
-    sel = np.asarray(healthy, bool)
-    if not sel.any():
-        return None
-    values = maps[sel][foreground[sel]]
-    if values.size == 0:
-        return None
-    return float(np.quantile(values, quantile))

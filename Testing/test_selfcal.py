@@ -6,15 +6,7 @@ import numpy as np
 import pytest
 
 from AnomalyDiffusionLib.flair_reference import flair_zscore, threshold_mask
-from AnomalyDiffusionLib.selfcal import (
-    MIN_SLICES,
-    Z_SLICE,
-    null_threshold,
-    robust_z,
-    slice_covariates,
-    volume_decision,
-    volume_m_max,
-)
+from AnomalyDiffusionLib.selfcal import DEFAULT_Z, pixel_level, robust_z, slice_covariates
 
 
 def test_robust_z_of_a_gaussian_population_is_standard_and_outliers_stand_out():
@@ -41,7 +33,7 @@ def test_robust_z_removes_a_trend_in_the_covariates():
     assert z[45] > 10.0
     rest = np.delete(z, 45)
     assert 0.8 < np.std(rest) < 1.2 and np.abs(rest).max() < 5.0  # N(0, 1)-like: 90 draws
-    assert robust_z(y)[45] < Z_SLICE  # without the covariates the anomaly hides in the trend
+    assert robust_z(y)[45] < 3.5  # without the covariates the anomaly hides in the trend
 
 
 def test_robust_z_is_invariant_to_affine_changes_of_the_statistic():
@@ -57,60 +49,43 @@ def test_constant_population_gives_zero():
     assert np.all(robust_z(np.full(20, 0.9)) == 0.0)
 
 
-def _population(k_lesion: tuple[int, ...], n: int = 60, shift: float = 0.0, seed: int = 3):
+def _maps(seed: int = 3, lesion: float = 0.0):
+    """Noise maps [40, 32, 32] with a disc of brain; ``lesion`` > 0 adds a bright block to slices 18-21."""
     rng = np.random.default_rng(seed)
-    pos = np.arange(n, dtype=float) * 2.0
-    area = 1.0 - ((np.arange(n) - n / 2) / (0.6 * n)) ** 2
-    cos = 0.97 + rng.normal(0.0, 0.004, n) - shift
-    m = 0.05 * np.exp(rng.normal(0.0, 0.1, (n, 2))) * (1.0 + 3.0 * shift)
-    for k in k_lesion:
-        cos[k] -= 0.08
-        m[k] *= 3.0
-    return cos, m, area, pos
+    maps = np.abs(rng.normal(0.0, 1.0, (40, 32, 32)))
+    yy, xx = np.mgrid[:32, :32]
+    fg = np.broadcast_to(((yy - 16) ** 2 + (xx - 16) ** 2) < 14**2, maps.shape).copy()
+    truth = np.zeros(maps.shape, bool)
+    truth[18:22, 10:18, 10:18] = True
+    maps[truth] += lesion
+    return maps, fg, truth
 
 
-def test_volume_decision_flags_the_lesion_slices_whatever_the_bundle_threshold_says():
-    """Healthy slices plus K lesion slices: the K are flagged, the rest not, also when a contrast
-    shift moves every slice's cosine below the bundle's threshold (the bundle calls all unhealthy)."""
-    k = (28, 29, 30, 31, 32)
-    for shift in (0.0, 0.1):
-        cos, m, area, pos = _population(k, shift=shift)
-        bundle = cos <= 0.948
-        dec = volume_decision(cos, m, area, pos, bundle)
-        assert not dec.fallback
-        assert set(np.flatnonzero(dec.unhealthy)) == set(k)
-    assert bundle.all()  # with the shift, the fixed threshold calls every slice unhealthy
+def test_pixel_level_is_median_plus_z_mad_of_the_brain_pixels():
+    maps, fg, _ = _maps()
+    v = maps[fg]
+    med = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - med))
+    assert pixel_level(maps, fg, 5.0) == pytest.approx(med + 5.0 * mad)
+    maps[~fg] = 1e6  # outside the brain: ignored
+    assert pixel_level(maps, fg, 5.0) == pytest.approx(med + 5.0 * mad)
+    assert pixel_level(maps, np.zeros_like(fg), 5.0) == np.inf
 
 
-def test_volume_decision_on_a_healthy_population_flags_nothing():
-    cos, m, area, pos = _population(())
-    assert not volume_decision(cos, m, area, pos, np.zeros(len(cos), bool)).unhealthy.any()
+def test_pixel_level_follows_a_global_change_of_the_maps():
+    """A case whose maps are all scaled (another scanner's contrast) keeps the same mask."""
+    maps, fg, _ = _maps(lesion=12.0)
+    for a, b in ((3.0, 0.0), (0.2, 0.5)):
+        assert np.array_equal(maps >= pixel_level(maps, fg, 8.0), a * maps + b >= pixel_level(a * maps + b, fg, 8.0))
 
 
-def test_too_few_slices_fall_back_to_the_bundle_decision():
-    cos, m, area, pos = _population((), n=MIN_SLICES - 1)
-    bundle = np.arange(len(cos)) % 2 == 0
-    dec = volume_decision(cos, m, area, pos, bundle)
-    assert dec.fallback and np.array_equal(dec.unhealthy, bundle)
-
-
-def test_volume_m_max_is_the_largest_unhealthy_m_te_and_never_below_the_bundle():
-    m = np.array([[0.1, 0.2], [0.5, 0.1], [0.3, 0.4]])
-    assert volume_m_max(m, np.array([True, False, True]), [0.2, 0.3]) == [0.3, 0.4]
-    assert volume_m_max(m, np.array([True, False, True]), [0.35, 0.1]) == [0.35, 0.4]
-    assert volume_m_max(m, np.zeros(3, bool), [0.2, 0.3]) == [0.2, 0.3]
-
-
-def test_null_threshold_is_the_quantile_of_healthy_brain_pixels_only():
-    maps = np.zeros((3, 4, 4), np.float32)
-    maps[0] = np.arange(16).reshape(4, 4)  # healthy
-    maps[1] = 100.0  # unhealthy: ignored
-    maps[2] = 50.0  # healthy but outside the brain: ignored
-    fg = np.ones((3, 4, 4), bool)
-    fg[2] = False
-    thr = null_threshold(maps, fg, np.array([True, False, True]), quantile=0.5)
-    assert thr == pytest.approx(7.5)
-    assert null_threshold(maps, fg, np.zeros(3, bool)) is None
+def test_a_lesion_is_found_and_barely_moves_the_level():
+    maps, fg, truth = _maps(lesion=12.0)
+    healthy = pixel_level(_maps(lesion=0.0)[0], fg, DEFAULT_Z)
+    level = pixel_level(maps, fg, DEFAULT_Z)
+    assert abs(level - healthy) < 0.05 * healthy
+    found = (maps >= level) & fg
+    assert found[truth].mean() > 0.99 and (found & ~truth).sum() == 0
 
 
 def test_flair_reference_finds_a_bright_block_and_ignores_the_rest():

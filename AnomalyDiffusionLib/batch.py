@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import AnomalyDiffusionError, Cancelled, InputError
@@ -404,6 +405,7 @@ def merge(
     rows = []
     for case in cases:
         rec = read_record(out, case.id)
+        row: dict[str, Any]
         if rec is None:
             row = {"id": case.id, "status": "skipped", "error": "not run yet"}
         elif rec.get("fingerprint") != fp:

@@ -89,6 +89,8 @@ def run_demo(
         cancel=cancel,
     )
     truth = read_labelmap_like(paths["seg"], result.case, "lesion mask") > 0
+    if result.labelmap is None:
+        raise InputError("the demo needs AnoFPDM's segmentation, and the bundle has no AnoFPDM model")
     pred = result.case.reorientation.to_canonical(sitk.GetArrayFromImage(result.labelmap)) > 0
     lesion = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(1))
     ref = result.case.reference
@@ -403,14 +405,19 @@ class _Parser(argparse.ArgumentParser):
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """``--progress`` and ``-v``: on the main parser with their defaults, and on every command with
     no default (so that ``detect --progress none`` works and an absent one keeps the main value)."""
-    kw = {"default": argparse.SUPPRESS} if suppress else {}
     parser.add_argument(
         "--progress",
         choices=("bar", "jsonl", "none"),
+        default=argparse.SUPPRESS if suppress else "bar",
         help="progress display: bar (terminal), jsonl (one JSON line per step on stdout), none",
-        **(kw or {"default": "bar"}),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr", **kw)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="log details to stderr",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -513,18 +513,19 @@ def missing_requirements(lines: Sequence[str], skip: Sequence[str] = (), version
             except importlib.metadata.PackageNotFoundError:
                 return None
 
+    requirement: Any = None  # packaging's Requirement class when importable
     try:
-        from packaging.requirements import Requirement
+        from packaging.requirements import Requirement as requirement
     except ImportError:  # pragma: no cover - Slicer ships packaging (pip needs it)
-        Requirement = None
+        pass
     skipped = {_canonical(s) for s in skip}
     missing = []
     for raw in lines:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if Requirement is not None:
-            req = Requirement(line)
+        if requirement is not None:
+            req = requirement(line)
             name, spec = req.name, req.specifier
         else:
             name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
@@ -567,8 +568,9 @@ def bundle_settings(manifest: Mapping) -> dict:
     fpdm = manifest.get("fpdm") or {}
     settings = fpdm.get("settings") or {}
     cal = fpdm.get("calibration") or {}
-    if "w" in cal or "w" in settings:
-        out["w"] = float(cal.get("w", settings.get("w")))
+    w = cal.get("w", settings.get("w"))
+    if w is not None:
+        out["w"] = float(w)
     if "early_stop" in settings:
         out["early_stop"] = bool(settings["early_stop"])
     if "stride" in settings:

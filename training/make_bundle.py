@@ -24,6 +24,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, open_bundle, write_bundle
 from AnomalyDiffusionLib.diffusion import Schedule
 from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
@@ -87,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="default AnoFPDM decision: the bundle's calibration (papers) or the case's own slices (default bundle)",
     )
     p.add_argument(
+        "--volume-z",
+        type=float,
+        default=None,
+        help="robust z of the case's anomaly map for the volume calibration (selfcal.pixel_level), chosen on "
+        "calibration phantoms (default: the library's DEFAULT_Z)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -114,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             "methods": [],
             "pipeline": {"gate": args.gate, "calibration": args.calibration},
         }
+        if args.volume_z is not None:
+            if not np.isfinite(args.volume_z) or args.volume_z <= 0:
+                raise AnomalyDiffusionError(f"--volume-z must be a positive number, not {args.volume_z}")
+            manifest["pipeline"]["volume_z"] = float(args.volume_z)
         weights: dict = {}
         modalities = None
         slice_size = None

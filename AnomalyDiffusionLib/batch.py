@@ -10,8 +10,9 @@
   per case) and ``OUT/summary.json`` (counts, mean/sd/median of the figures, settings, bundle).
 * **Failures**: a case that cannot be read or run is recorded ``failed`` with its one-line error and
   the batch goes on. **Resume**: a case whose record says ``ok`` with the same bundle (sha256) and
-  settings and whose outputs are all present is not run again (``force`` redoes it); an interrupted
-  case leaves at most a hidden ``.partial-<id>`` folder, removed when the case runs again.
+  settings and whose outputs are all present is not run again (``force`` redoes it); a case killed
+  mid-way leaves at most a hidden ``.partial-<id>`` or ``.old-<id>`` folder, removed by the next run
+  that reaches the case.
 * **Truth masks** (``seg`` / ``truth``): DICE, lesion-slice sensitivity and false-positive volume of
   the segmentation, by :func:`~AnomalyDiffusionLib.metrics.volume_level`.
 * **Scale-out**: :func:`select_shard` takes every N-th case from I (``--shard I/N``, Slurm arrays);
@@ -361,6 +362,8 @@ def run_cases(
     for i, case in enumerate(cases):
         if cancel is not None:
             cancel.check()
+        for leftover in (f".partial-{case.id}", f".old-{case.id}"):  # from a process killed mid-case
+            shutil.rmtree(out / leftover, ignore_errors=True)
         skipped = not force and up_to_date(out, case, fp)
         if skipped:
             rec = read_record(out, case.id) or {}

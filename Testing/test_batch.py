@@ -243,9 +243,12 @@ def test_resume_skips_done_cases_force_and_new_settings_redo_them(data, referenc
                      f"{folder}/Case_3/Case_3_t2.nii.gz,{folder}/Case_3/Case_3_seg.nii.gz\n")  # fmt: skip
     argv = ["--progress", "none", "batch", "--input", str(sheet), "--out", str(out), "--bundle", str(bundle), *OPTIONS]
     before = (out / "_batch" / "Case_3.json").read_text()
+    for leftover in (".partial-Case_3", ".old-Case_3"):  # what a kill -9 mid-case can leave
+        _touch(out / leftover / "heatmap.nii.gz")
     assert cli.main(argv) == 0
     assert "Case_3: up to date" in capsys.readouterr().out
     assert (out / "_batch" / "Case_3.json").read_text() == before
+    assert not (out / ".partial-Case_3").exists() and not (out / ".old-Case_3").exists()
     assert cli.main([*argv, "--force"]) == 0
     assert "Case_3: ok" in capsys.readouterr().out
     assert_same_case_outputs(ref, out, cases=["Case_3"])

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import train_dode
 
 
+@pytest.mark.slow  # DSM training: about 15 s
 def test_dsm_trained_score_separates_in_and_out_of_distribution():
     """Score matching on N(μ, 0.3² I) features for 300 steps. The likelihood then ranks held-out
     samples above samples shifted by 2.5 (≈ 8 data SDs): AUROC ≥ 0.9 against the trivial 0.5 of an
@@ -69,6 +70,7 @@ def _eps_mse(net: ScoreNet, t: float, n: int = 256) -> float:
         return float(((net.eps(net.sde.perturb(z0, tt, noise), tt) - noise) ** 2).mean())
 
 
+@pytest.mark.slow  # DSM training: about 30 s
 def test_gaussian_skip_represents_every_feature_direction():
     """Issue 19 point 1. Standard-normal features with twice as many channels (32) as the UNet's base
     width (16): the optimal ε̂ is σ(t)·z_t, whose MSE at t = 1 is m(1)² ≈ 4e-5. With the Gaussian skip
@@ -82,6 +84,7 @@ def test_gaussian_skip_represents_every_feature_direction():
         assert _eps_mse(plain, t) > 0.3, (t, _eps_mse(plain, t))
 
 
+@pytest.mark.slow  # DSM training to a closed form: about 40 s
 def test_gaussian_skip_learns_the_closed_form_density_of_gaussian_data():
     """The learned log density of N(0, I) features (24 channels, more than the base width 16) equals
     the closed form Σ −½(log 2π + z²), exact trace so no probe noise: within 0.05 bpd per sample after
@@ -165,6 +168,7 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
         load_dode(out, scales=[64])
 
 
+@pytest.mark.slow  # trains AnoDODE and a decoder, runs evaluate_dode: about 10 s
 def test_decoder_training_and_localisation_smoke(tmp_path):
     """train_dode.py + train_decoder.py (a few iterations), then a heatmap per slice at slice size."""
     import train_decoder

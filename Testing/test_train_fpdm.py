@@ -102,6 +102,7 @@ def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):
         load_unet(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.slow  # trains, calibrates (ddim and ddpm) and evaluates: about 50 s
 def test_calibrate_then_evaluate_scripts(data, tmp_path):
     """calibrate_fpdm.py reads only the val split's image-level labels; evaluate_fpdm.py the test split."""
     import json
@@ -173,6 +174,7 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
         assert (tmp_path / "eval" / name).is_file()
 
 
+@pytest.mark.slow  # two torchrun processes: about 30 s
 def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
     """torchrun with 2 Gloo processes: rank 0 writes, every rank's random stream is checkpointed."""
     import json

@@ -37,3 +37,23 @@ def flair_zscore(flair: np.ndarray, brain: np.ndarray, median_size: int = 3) -> 
 def threshold_mask(z: np.ndarray, brain: np.ndarray, threshold: float = FIXED_Z) -> np.ndarray:
     """Voxels of ``brain`` whose z-score exceeds ``threshold`` (bool, same shape)."""
     return (np.asarray(z) > threshold) & np.asarray(brain, bool)
+
+
+def tuned_slice_threshold(
+    flair: np.ndarray, brain: np.ndarray, truth: np.ndarray, taus: np.ndarray | None = None
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The optimistic bound on model slices: FLAIR ≥ τ inside the brain, with τ picked on these very
+    slices for the best DICE against ``truth`` (pixel labels: an upper bound, not a method).
+
+    ``flair`` [N, S, S] in [-1, 1], ``brain`` and ``truth`` bool of the same shape; ``taus``: the
+    candidate levels on the [0, 1] intensity scale (default 35 from 0.30 to 0.98). Returns
+    (τ, the intensity maps in [0, 1] inside the brain, the masks). ``training/evaluate_fpdm.py``
+    reports it beside AnoFPDM."""
+    from .metrics import pixel_level
+
+    maps = np.where(brain, (np.asarray(flair) + 1) / 2, 0.0)
+    best = (-1.0, 0.5)
+    for tau in np.linspace(0.3, 0.98, 35) if taus is None else taus:
+        d = pixel_level(maps >= tau, truth).dice
+        best = max(best, (d, float(tau)))
+    return best[1], maps, maps >= best[1]

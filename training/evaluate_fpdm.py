@@ -38,6 +38,7 @@ from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
+from AnomalyDiffusionLib.flair_reference import tuned_slice_threshold
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, classify_slices, forward_process, segment
 from AnomalyDiffusionLib.metrics import segmentation_table
 from AnomalyDiffusionLib.modelio import load_unet_any
@@ -66,18 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     return p
-
-
-def intensity_baseline(flair: np.ndarray, fg: np.ndarray, truth: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """FLAIR ≥ τ inside the brain, τ chosen on these slices for the best mixed DICE (optimistic)."""
-    from AnomalyDiffusionLib.metrics import pixel_level
-
-    maps = np.where(fg, (flair + 1) / 2, 0.0)
-    best = (-1.0, 0.5)
-    for tau in np.linspace(0.3, 0.98, 35):
-        d = pixel_level(maps >= tau, truth).dice
-        best = max(best, (d, tau))
-    return best[1], maps, maps >= best[1]
 
 
 def evaluate(args) -> dict:
@@ -136,7 +125,7 @@ def evaluate(args) -> dict:
                     }
                 )
                 extra[name] = dataclasses.replace(seg, masks=masks, unhealthy=called)  # what the grid shows
-        tau, bmaps, bmasks = intensity_baseline(x[:, mods.index("flair") if "flair" in mods else 0], fg, truth)
+        tau, bmaps, bmasks = tuned_slice_threshold(x[:, mods.index("flair") if "flair" in mods else 0], fg, truth)
         rows.append(
             {
                 "method": f"FLAIR threshold τ={tau:.2f} (tuned on pixel labels)",

@@ -159,9 +159,7 @@ def _load_bundle_unet(path: Path, device: str | torch.device) -> tuple[UNet, dic
     return model, info
 
 
-def fpdm_from_bundle(
-    b: Bundle, device: str | torch.device = "cpu"
-) -> tuple[UNet, Schedule, FPDMSettings, Calibration]:
+def fpdm_from_bundle(b: Bundle, device: str | torch.device = "cpu") -> tuple[UNet, Schedule, FPDMSettings, Calibration]:
     """``(unet, schedule, settings, calibration)`` for AnoFPDM from a verified bundle.
 
     Settings the bundle predates take the behaviour it was calibrated with

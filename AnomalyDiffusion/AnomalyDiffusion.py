@@ -146,6 +146,14 @@ def downloadPhantomSample(source=None):
 
 
 # ------------------------------------------------------------------------------ parameter node
+#: Decision combo box text -> ``detect --calibration`` (None: the bundle's default)
+CALIBRATIONS = {
+    "Bundle default": None,
+    "This case's own level (volume)": "volume",
+    "Fixed thresholds of the papers (bundle)": "bundle",
+}
+
+
 @parameterNodeWrapper
 class AnomalyDiffusionParameterNode:
     flairVolume: vtkMRMLScalarVolumeNode
@@ -159,9 +167,15 @@ class AnomalyDiffusionParameterNode:
     bundleUrl: str = ""
     bundleChecksum: str = ""  # "SHA256:<hex>"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    methods: Annotated[str, Choice(["Segmentation and slice scoring", "Segmentation", "Slice scoring"])] = (
-        "Segmentation and slice scoring"
-    )
+    methods: Annotated[
+        str, Choice(["Bundle default", "Segmentation and slice scoring", "Segmentation", "Slice scoring"])
+    ] = "Bundle default"
+    # AnoFPDM's decision: the bundle's default, the case's own anomaly-map level, or the papers' fixed
+    # dataset-level thresholds (``detect --calibration``)
+    calibration: Annotated[
+        str,
+        Choice(["Bundle default", "This case's own level (volume)", "Fixed thresholds of the papers (bundle)"]),
+    ] = "Bundle default"
     # advanced settings: they show the bundle's calibrated values (the panel sets them when the bundle
     # changes); a run overrides only those that differ from ``shownSettings`` (JSON of what was shown)
     guidance: Annotated[float, WithinRange(0.0, 40.0)] = 5.0
@@ -183,6 +197,7 @@ SETTING_FIELDS = {"guidance": "w", "earlyStop": "early_stop", "stride": "stride"
 UNBOUND_FIELDS = ("shownSettings",)
 
 METHODS = {
+    "Bundle default": None,
     "Segmentation and slice scoring": ("fpdm", "dode"),
     "Segmentation": ("fpdm",),
     "Slice scoring": ("dode",),
@@ -655,6 +670,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             dode_threshold=changed.get("dode_threshold"),
             dode_scales=scales or None,
             faithful=p.faithful,
+            options={"calibration": CALIBRATIONS[p.calibration]} if CALIBRATIONS.get(p.calibration) else {},
         )
         command = bridge.detect_command(request, python=self.pythonExecutable())
         logging.info("AnomalyDiffusion: %s", " ".join(command))
@@ -859,9 +875,10 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         t1ce=None,
         bundle=None,
         device="auto",
-        methods=("fpdm", "dode"),
+        methods=None,
         progress=None,
         ensureDependencies=True,
+        calibration=None,
     ) -> dict:
         """Blocking: nodes in → nodes out. Returns the summary with ``summary["nodes"]`` (node IDs of
         the segmentation, heatmap, table and chart). ``progress(fraction, status)`` is called on changes."""
@@ -871,7 +888,12 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             t1Volume=t1,
             t1ceVolume=t1ce,
             device=device,
-            methods=next(k for k, v in METHODS.items() if tuple(v) == tuple(methods)),
+            methods=next(
+                k
+                for k, v in METHODS.items()
+                if (v is None) == (methods is None) and (v is None or tuple(v) == tuple(methods))
+            ),
+            calibration=next(k for k, v in CALIBRATIONS.items() if v == calibration),
             bundleSource="Local file or folder" if bundle else "Embedded default",
             bundlePath=Path(bundle) if bundle else Path(),
         )
@@ -901,7 +923,8 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             bundleUrl="",
             bundleChecksum="",
             device="auto",
-            methods="Segmentation and slice scoring",
+            methods="Bundle default",
+            calibration="Bundle default",
             guidance=None,
             earlyStop=None,
             stride=None,

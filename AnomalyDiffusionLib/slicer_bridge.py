@@ -91,7 +91,7 @@ class DetectRequest:
     out_dir: str
     bundle: str | None = None  #: None: the embedded default bundle
     device: str = "auto"
-    methods: Sequence[str] = ("fpdm", "dode")
+    methods: Sequence[str] | None = None  #: None: the bundle's default methods
     w: float | None = None
     early_stop: bool | None = None
     stride: int | None = None
@@ -110,7 +110,7 @@ def request_options(req: DetectRequest) -> DetectOptions:
     """The request's detect options, checked by the schema (``InputError``, a ``ValueError``, names
     the first bad value)."""
     values: dict[str, Any] = {k: getattr(req, k) for k in _REQUEST_OPTIONS}
-    values["methods"] = tuple(values["methods"])
+    values["methods"] = None if values["methods"] is None else tuple(values["methods"])
     if values["dode_scales"] is not None:
         values["dode_scales"] = tuple(int(s) for s in values["dode_scales"])
     return options_from_mapping({**values, **dict(req.options)})

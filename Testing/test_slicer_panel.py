@@ -827,6 +827,14 @@ def test_console_api_through_get_module_logic(module, monkeypatch, tmp_path):
     assert all(scene.GetNodeByID(i) is not None for i in summary["nodes"].values())
     assert scene.GetNodeByID(summary["nodes"]["heatmap"]).GetName() == "Console FLAIR anomaly heatmap"
     assert gui_params.flairVolume is None and gui_params.t2Volume is None  # the panel's choice untouched
+    # methods and the AnoFPDM decision default to the bundle's: neither flag is passed
+    assert "--methods" not in command and "--calibration" not in command
+    logic.process(flair, t2, device="cpu", methods=("fpdm",), calibration="bundle", ensureDependencies=False)
+    command = commands[-1]
+    assert command[command.index("--methods") + 1] == "fpdm"
+    assert command[command.index("--calibration") + 1] == "bundle"
+    logic.process(flair, t2, device="cpu", calibration="volume", ensureDependencies=False)
+    assert commands[-1][commands[-1].index("--calibration") + 1] == "volume"
 
 
 # ------------------------------------------------------------------------- parent transforms

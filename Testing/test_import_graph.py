@@ -141,6 +141,14 @@ def test_library_has_no_import_cycle() -> None:
     assert not found, "\n".join(_describe(c, graph, modules) for c in found)
 
 
+def test_bundle_module_reads_bytes_and_schema_only() -> None:
+    """bundle.py imports no method and no network module (issue 17 item 2): the method side builds
+    networks from a verified bundle, never the other way round."""
+    graph = import_graph(ROOT / PACKAGE)
+    assert set(graph[f"{PACKAGE}.bundle"]) <= {PACKAGE, f"{PACKAGE}.errors"}
+    assert f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.modelio"] and f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.dode.model"]
+
+
 def test_library_graph_sees_the_known_edges() -> None:
     """The graph reads relative, package-level and function-level imports (a blind parser would
     pass the test above trivially)."""

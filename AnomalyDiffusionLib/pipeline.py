@@ -316,9 +316,10 @@ def detect(
             vol_info = None
             if gate == "none":  # the volume level needs every brain slice's forward process
                 z = float(b.manifest.get("pipeline", {}).get("volume_z", DEFAULT_Z))
-                segs["volume"], vol_info = _volume_segmentation(res, cal, z)
+                segs["volume"], vol_info = volume_segmentation(res, cal, z)
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running
+            extras["fpdm_calibration"] = cal
             maps[sel] = seg.maps
             masks[sel] = seg.masks
             for name, sg in segs.items():
@@ -414,7 +415,7 @@ def labelmap_from_model(
     return case.to_original(lab, sitk.sitkUInt8), lab
 
 
-def _volume_segmentation(res, cal, z: float):
+def volume_segmentation(res, cal, z: float) -> tuple:
     """AnoFPDM masks with the per-volume calibration (:mod:`~AnomalyDiffusionLib.selfcal`): the filtered
     map thresholded at the case's own robust level (median + z · 1.4826 · MAD over all its brain
     pixels); a slice is unhealthy when a component survives. Returns (Segmentation, info)."""

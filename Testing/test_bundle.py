@@ -227,3 +227,32 @@ def test_bundles_older_than_the_clamp_and_cosine_weighting_keep_their_behaviour(
     _, _, st, cal = fpdm_from_bundle(shipped)
     assert st.clip_denoised is True and st.cosine_weighting == "spacing" and cal.settings is not None
     assert calibration_mismatches(st, cal, shipped.manifest["fpdm"].get("calibrated_stride")) == []
+
+
+def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipeline(tmp_path, tiny):
+    """training/make_bundle.py --from: new defaults and a changelog entry, the same weight bytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    out = tmp_path / "v2"
+    argv = [sys.executable, str(script), "--from", str(tiny), "--out", str(out), "--calibration", "volume"]
+    argv += ["--volume-z", "9", "--default-methods", "fpdm", "--default-methods-reason", "uninformative here"]
+    argv += ["--version", "2.1.0", "--changelog", "volume calibration by default"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    old, new = open_bundle(tiny).manifest, open_bundle(out).manifest
+    assert {k: v["sha256"] for k, v in new["files"].items()} == {k: v["sha256"] for k, v in old["files"].items()}
+    assert new["fpdm"] == old["fpdm"] and new["dode"] == old["dode"]
+    assert new["pipeline"] == {
+        "gate": "none",
+        "calibration": "volume",
+        "volume_z": 9.0,
+        "default_methods": ["fpdm"],
+        "default_methods_reason": "uninformative here",
+    }
+    assert new["changelog"][-1] == {"version": "2.1.0", "changes": ["volume calibration by default"]}
+    # mixing a source bundle with run folders is refused with one line
+    bad = subprocess.run([*argv[:6], "--fpdm", str(tiny)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--from" in bad.stderr

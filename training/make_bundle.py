@@ -11,6 +11,9 @@ Examples:
   # the embedded default bundle (see training/README.md for the runs it is made from)
   python training/make_bundle.py --fpdm runs/fpdm_small --fpdm-calibration runs/fpdm_small/calibration_fpdm_ddim.json \\
       --dode runs/dode_small --dtype float16 --gate none --out Resources/Bundles/phantom-small
+  # the same models with other pipeline defaults (weights copied byte for byte)
+  python training/make_bundle.py --from Resources/Bundles/phantom-small --dtype float16 --calibration volume \\
+      --volume-z 10 --default-methods fpdm --version 2.1.0 --changelog "..." --out runs/bundle_v21
   # a BraTS bundle, zipped
   python training/make_bundle.py --fpdm runs/fpdm --fpdm-calibration runs/fpdm/calibration_fpdm_ddim.json \\
       --dode runs/dode --name brats-paper --training-data "BraTS2021 ..." --zip --out brats-paper.zip
@@ -50,10 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="bundle folder (or zip with --zip) to write")
-    p.add_argument("--name", default="phantom-small", help="bundle name (default phantom-small)")
-    p.add_argument("--description", default="Small AnoFPDM + AnoDODE models for CPU, trained on the synthetic phantom.")
-    p.add_argument("--training-data", default=PHANTOM_STATEMENT, help="training data statement")
-    p.add_argument("--intended-use", default=NOT_CLINICAL, help="intended use statement")
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="start from this bundle: its method sections and weights (bytes unchanged), statements and changelog; "
+        "the pipeline options, --version and --changelog given here replace or extend them",
+    )
+    p.add_argument("--name", default=None, help="bundle name (default phantom-small, or the --from bundle's)")
+    p.add_argument("--description", default=None, help="one-line description")
+    p.add_argument("--training-data", default=None, help="training data statement (default: the phantom's)")
+    p.add_argument("--intended-use", default=None, help="intended use statement (default: not for clinical use)")
     p.add_argument("--fpdm", type=Path, help="AnoFPDM run folder or weights file")
     p.add_argument("--fpdm-calibration", type=Path, help="calibration_fpdm_<mode>.json from calibrate_fpdm.py")
     p.add_argument("--stride", type=int, help="inference step stride stored in the bundle (default: calibration's)")
@@ -113,13 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if not args.fpdm and not args.dode:
-            raise AnomalyDiffusionError("nothing to bundle: give --fpdm and/or --dode")
+        if not args.fpdm and not args.dode and not args.source:
+            raise AnomalyDiffusionError("nothing to bundle: give --fpdm and/or --dode, or --from BUNDLE")
+        if args.source and (args.fpdm or args.dode):
+            raise AnomalyDiffusionError("--from copies the methods of a bundle; it does not combine with --fpdm/--dode")
+        src = open_bundle(args.source) if args.source else None
+        base = src.manifest if src else {}
         manifest: dict = {
-            "name": args.name,
-            "description": args.description,
-            "training_data": args.training_data,
-            "intended_use": args.intended_use,
+            "name": args.name or base.get("name", "phantom-small"),
+            "description": args.description
+            or base.get("description", "Small AnoFPDM + AnoDODE models for CPU, trained on the synthetic phantom."),
+            "training_data": args.training_data or base.get("training_data", PHANTOM_STATEMENT),
+            "intended_use": args.intended_use or base.get("intended_use", NOT_CLINICAL),
             "methods": [],
             "pipeline": {"gate": args.gate, "calibration": args.calibration},
         }
@@ -130,6 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         weights: dict = {}
         modalities = None
         slice_size = None
+        if src is not None:
+            dtypes = {f["dtype"] for f in base["files"].values()}
+            if dtypes != {args.dtype}:
+                raise AnomalyDiffusionError(
+                    f"--from bundle stores {', '.join(sorted(dtypes))} weights; pass --dtype to match (no re-rounding)"
+                )
+            for method in base["methods"]:
+                manifest[method] = json.loads(json.dumps(base[method]))
+                manifest["methods"].append(method)
+            weights = {name: src.tensors(name) for name in base["files"]}
+            modalities, slice_size = base["modalities"], base["slice_size"]
         if args.fpdm:
             if not args.fpdm_calibration or not args.fpdm_calibration.is_file():
                 raise AnomalyDiffusionError("--fpdm needs --fpdm-calibration (calibration_fpdm_<mode>.json)")
@@ -225,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             entries = []
             if args.changelog_from:
                 entries = list(open_bundle(args.changelog_from).manifest.get("changelog", []))
+            elif src is not None:
+                entries = list(base.get("changelog", []))
             manifest["version"] = args.version
             manifest["changelog"] = [*entries, {"version": args.version, "changes": list(args.changelog)}]
         out = write_bundle(args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip)

@@ -1,0 +1,90 @@
+"""The default bundle and default settings under intensity shifts (issue 15): the masks must not
+depend on a smooth bias field or a gamma, a healthy volume must stay (nearly) empty, and the
+per-volume decision must flag the slices that hold a lesion. Phantoms at 2 mm keep this affordable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AnomalyDiffusionLib.metrics import dice
+from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, smooth_noise
+from AnomalyDiffusionLib.pipeline import DetectOptions, detect
+
+pytestmark = pytest.mark.slow
+OPTIONS = DetectOptions(methods=("fpdm",))  # default settings; AnoDODE does not touch the masks
+
+
+@pytest.fixture(scope="module")
+def lesion_case():
+    return make_subject(71, PhantomOptions(spacing=2.0, n_lesions=1, lesion_radius_mm=(20.0, 26.0)))
+
+
+@pytest.fixture(scope="module")
+def original(lesion_case):
+    return _run(lesion_case.images)
+
+
+def _run(images: dict[str, sitk.Image]):
+    return detect({"flair": images["flair"], "t2": images["t2"]}, None, OPTIONS)
+
+
+def _mask(res) -> np.ndarray:
+    return sitk.GetArrayFromImage(res.labelmap) > 0
+
+
+def _transformed(images: dict[str, sitk.Image], fn) -> dict[str, sitk.Image]:
+    out = {}
+    for m in ("flair", "t2"):
+        arr = sitk.GetArrayFromImage(images[m]).astype(np.float32)
+        new = sitk.GetImageFromArray(fn(arr).astype(np.float32))
+        new.CopyInformation(images[m])
+        out[m] = new
+    return out
+
+
+def test_the_original_mask_finds_the_lesion(lesion_case, original):
+    truth = lesion_case.mask
+    assert dice(_mask(original), truth) > 0.5
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_masks_survive_a_smooth_bias_field_of_20_percent(lesion_case, original, sign):
+    field = smooth_noise(np.random.default_rng(5), lesion_case.mask.shape, 20.0)
+    field = 1.0 + sign * 0.2 * field / np.abs(field).max()  # within ±20 %, smooth over ~40 mm
+    res = _run(_transformed(lesion_case.images, lambda a: a * field))
+    assert dice(_mask(res), _mask(original)) >= 0.9
+
+
+@pytest.mark.parametrize("gamma", [0.8, 1.25])
+def test_masks_survive_a_gamma(lesion_case, original, gamma):
+    def g(a: np.ndarray) -> np.ndarray:
+        top = float(a.max())
+        return top * (np.clip(a, 0, None) / top) ** gamma
+
+    res = _run(_transformed(lesion_case.images, g))
+    assert dice(_mask(res), _mask(original)) >= 0.9
+
+
+def test_a_healthy_phantom_volume_gives_at_most_2_ml():
+    ph = make_subject(72, PhantomOptions(spacing=2.0, n_lesions=0))
+    res = _run(ph.images)
+    assert res.summary["lesion_volume_ml"] <= 2.0
+
+
+def test_the_volume_decision_flags_the_lesion_slices(lesion_case, original):
+    """A volume of healthy slices plus K lesion slices: the slices whose lesion covers at least 10 %
+    of the brain are all flagged, and no flagged slice is more than one slice away from the lesion."""
+    truth = original.case.reorientation.to_canonical(lesion_case.mask.astype(np.uint8)) > 0
+    brain = original.case.mask
+    rows = {r["slice"]: r for r in original.rows}
+    assert original.summary["method_details"]["fpdm"]["calibration_mode"] == "volume"
+    lesion_share = truth.reshape(len(truth), -1).sum(1) / np.maximum(brain.reshape(len(brain), -1).sum(1), 1)
+    big = [k for k in rows if lesion_share[k] >= 0.10]
+    assert len(big) >= 3
+    assert all(rows[k]["fpdm_unhealthy_volume"] for k in big)
+    lesion_slices = np.flatnonzero(lesion_share > 0)
+    for k, r in rows.items():
+        if r["fpdm_unhealthy_volume"]:
+            assert np.abs(lesion_slices - k).min() <= 1

@@ -261,6 +261,7 @@ class Bundle:
             "methods": m["methods"],
             "modalities": m["modalities"],
             "slice_size": m["slice_size"],
+            "pipeline": m.get("pipeline", {}),  # default methods (and why), gate, calibration
             "files": {k: v["bytes"] for k, v in m["files"].items()},
             "total_bytes": sum(v["bytes"] for v in m["files"].values()),
         }

@@ -315,8 +315,13 @@ def detect(
             segs = {"bundle": segment(res, cal)}
             vol_info = None
             if gate == "none":  # the volume level needs every brain slice's forward process
-                z = float(b.manifest.get("pipeline", {}).get("volume_z", DEFAULT_Z))
-                segs["volume"], vol_info = volume_segmentation(res, cal, z)
+                pipe = b.manifest.get("pipeline", {})
+                z = float(pipe.get("volume_z", DEFAULT_Z))
+                hyper = pipe.get("volume_flair_z")  # optional FLAIR-hyperintensity gate
+                flair = images[sel][:, b.modalities.index("flair")]
+                segs["volume"], vol_info = volume_segmentation(
+                    res, cal, z, flair=flair, hyper_z=None if hyper is None else float(hyper)
+                )
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running
             extras["fpdm_calibration"] = cal
@@ -415,19 +420,32 @@ def labelmap_from_model(
     return case.to_original(lab, sitk.sitkUInt8), lab
 
 
-def volume_segmentation(res, cal, z: float) -> tuple:
+def volume_segmentation(res, cal, z: float, flair: np.ndarray | None = None, hyper_z: float | None = None) -> tuple:
     """AnoFPDM masks with the per-volume calibration (:mod:`~AnomalyDiffusionLib.selfcal`): the filtered
     map thresholded at the case's own robust level (median + z · 1.4826 · MAD over all its brain
-    pixels); a slice is unhealthy when a component survives. Returns (Segmentation, info)."""
-    from .fpdm import segment
-    from .selfcal import pixel_level
+    pixels); a slice is unhealthy when a component survives.
+
+    With ``hyper_z`` and the model-space FLAIR slices ``flair`` [N, S, S], a mask pixel must also be
+    FLAIR-hyperintense: its FLAIR at least ``hyper_z`` robust SDs above the case's brain median
+    (:func:`~AnomalyDiffusionLib.selfcal.robust_standardise`); components that shrink below the
+    small-component size are dropped again. The lesions this targets are bright on FLAIR, while most
+    of the map's false alarms of a healthy case sit on dark CSF and tissue edges. Returns
+    (Segmentation, info)."""
+    from .fpdm import remove_small_components, segment
+    from .selfcal import pixel_level, robust_standardise
 
     maps = segment(res, cal, classify=False, level=np.inf).maps  # filtered maps only
     fg = res.foreground if res.foreground is not None else np.ones(maps.shape, bool)
     level = pixel_level(maps, fg, z)
     seg = segment(res, cal, classify=False, level=level)
+    if hyper_z is not None and flair is not None:
+        allowed = robust_standardise(flair, fg) >= hyper_z
+        min_px = round(cal.min_component * (maps.shape[-1] / 128.0) ** 2)
+        seg.masks = np.stack([remove_small_components(m & a, min_px) for m, a in zip(seg.masks, allowed, strict=True)])
     seg.unhealthy = seg.masks.reshape(len(seg.masks), -1).any(1)
     info = {"z": float(z), "pixel_level": level, "slices_unhealthy": int(seg.unhealthy.sum())}
+    if hyper_z is not None:
+        info["flair_hyper_z"] = float(hyper_z)
     return seg, info
 
 

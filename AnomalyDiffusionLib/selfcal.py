@@ -14,8 +14,13 @@ anomaly map (AnoFPDM's aggregated H, eq. 20, channel mean, median filtered, as i
 ``median + z × 1.4826 × MAD``. A lesion of up to a few tens of percent of the brain hardly moves the
 median and MAD, so the level tracks the case's own noise floor whatever the scanner; a slice is
 called anomalous when it keeps a mask component after the small-component filter. ``z`` is
-calibrated per bundle on its calibration phantoms (``pipeline.volume_z`` in the manifest;
-:data:`DEFAULT_Z` for bundles without it), never on evaluation cases.
+calibrated per bundle on development phantoms (``pipeline.volume_z`` in the manifest;
+:data:`DEFAULT_Z` for bundles without it; ``training/choose_volume_z.py``), never on evaluation
+cases. A bundle may add a FLAIR-hyperintensity gate (``pipeline.volume_flair_z``): a mask pixel must
+also be that many robust SDs above the case's brain median on FLAIR
+(:func:`robust_standardise`). The anomaly map's tail on a healthy case lies mostly on dark CSF and
+tissue edges, the lesions the product targets are bright on FLAIR, and the gate is as
+scanner-independent as the level itself.
 
 :func:`robust_z` gives the same kind of case-relative score per slice (after a robust regression on
 brain area and position) and turns AnoDODE's bpd into ``dode_z``.
@@ -42,6 +47,20 @@ def pixel_level(maps: np.ndarray, foreground: np.ndarray, z: float = DEFAULT_Z) 
     med = float(np.median(values))
     mad = MAD_SCALE * float(np.median(np.abs(values - med)))
     return med + float(z) * mad
+
+
+def robust_standardise(values: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """``(values − median) / (1.4826 · MAD)`` with median and MAD over the ``foreground`` pixels
+    (any shape, same as ``values``): a case's intensities in units of its own brain's spread, so a
+    level means the same under any scanner gain or offset. Zeros when the foreground is empty or
+    constant."""
+    v = np.asarray(values, np.float64)
+    inside = v[np.asarray(foreground, bool)]
+    if inside.size == 0:
+        return np.zeros_like(v)
+    med = float(np.median(inside))
+    mad = MAD_SCALE * float(np.median(np.abs(inside - med)))
+    return (v - med) / mad if mad > 0 else np.zeros_like(v)
 
 
 def slice_covariates(brain_area: np.ndarray, position: np.ndarray) -> np.ndarray:

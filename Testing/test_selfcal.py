@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from AnomalyDiffusionLib.flair_reference import flair_zscore, threshold_mask
-from AnomalyDiffusionLib.selfcal import DEFAULT_Z, pixel_level, robust_z, slice_covariates
+from AnomalyDiffusionLib.selfcal import DEFAULT_Z, pixel_level, robust_standardise, robust_z, slice_covariates
 
 
 def test_robust_z_of_a_gaussian_population_is_standard_and_outliers_stand_out():
@@ -104,3 +104,60 @@ def test_flair_reference_finds_a_bright_block_and_ignores_the_rest():
     assert mask[inner].all()
     assert (mask & ~truth).sum() < 0.01 * brain.sum()
     assert np.all(z[~brain] == 0.0)
+
+
+def test_robust_standardise_uses_the_brain_only_and_ignores_gain_and_offset():
+    rng = np.random.default_rng(3)
+    x = rng.normal(100.0, 10.0, (4, 16, 16))
+    brain = np.zeros(x.shape, bool)
+    brain[:, 2:14, 2:14] = True
+    x[~brain] = -1000.0  # background far below: must not enter the statistics
+    z = robust_standardise(x, brain)
+    assert abs(np.median(z[brain])) < 1e-9 and 0.85 < np.std(z[brain]) < 1.15
+    np.testing.assert_allclose(robust_standardise(3.0 * x + 7.0, brain), z, atol=1e-9)
+    assert not robust_standardise(np.ones((2, 3)), np.ones((2, 3), bool)).any()  # constant: zeros
+
+
+def _two_blob_forward(n: int = 6, s: int = 32):
+    """A forward result whose map has two equal blobs in slice 2; only the first is FLAIR-bright."""
+    from AnomalyDiffusionLib.fpdm import ForwardResult
+
+    rng = np.random.default_rng(4)
+    h = rng.uniform(0.0, 0.01, (n, 1, s, s)).astype(np.float32)
+    h[2, 0, 4:12, 4:12] = 1.0
+    h[2, 0, 20:28, 20:28] = 1.0
+    flair = rng.normal(0.0, 0.05, (n, s, s)).astype(np.float32)
+    flair[2, 4:12, 4:12] += 1.0  # the first blob is hyperintense, the second is not
+    fg = np.ones((n, s, s), bool)
+    zeros = np.zeros((n, 1), np.float32)
+    fwd = ForwardResult(
+        steps=np.arange(1),
+        m=np.zeros((n, 1, 1), np.float32),
+        mse_h=np.zeros((n, 1), np.float32),
+        mse_u=np.zeros((n, 1), np.float32),
+        t_e=zeros.astype(int),
+        m_te=zeros,
+        h=h,
+        s_te=h,
+        cosine=np.ones(n, np.float32),
+        steps_run=np.ones(n, int),
+        foreground=fg,
+    )
+    return fwd, flair
+
+
+def test_the_flair_gate_keeps_only_hyperintense_anomalies():
+    from AnomalyDiffusionLib.fpdm import Calibration
+    from AnomalyDiffusionLib.pipeline import volume_segmentation
+
+    fwd, flair = _two_blob_forward()
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=3, min_component=64)  # 4 px at 32²
+    plain, info = volume_segmentation(fwd, cal, 8.0)
+    assert plain.masks[2, 8, 8] and plain.masks[2, 24, 24] and plain.unhealthy.tolist() == [0, 0, 1, 0, 0, 0]
+    gated, info = volume_segmentation(fwd, cal, 8.0, flair=flair, hyper_z=2.0)
+    assert gated.masks[2, 8, 8] and not gated.masks[2, 24, 24]
+    assert gated.masks[2].sum() == plain.masks[2, :16, :16].sum()  # the bright blob is kept whole
+    assert info["flair_hyper_z"] == 2.0 and info["slices_unhealthy"] == 1
+    # a gate no pixel passes leaves every slice healthy
+    none, _ = volume_segmentation(fwd, cal, 8.0, flair=flair, hyper_z=100.0)
+    assert not none.masks.any() and not none.unhealthy.any()

@@ -37,6 +37,12 @@ from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject
 from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model, volume_segmentation
 
 Z_GRID = (4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 14.0, 16.0, 20.0)
+#: FLAIR-hyperintensity gates tried (robust SDs above the case's brain median; None: no gate)
+HYPER_GRID = (None, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def rule_key(z: float, hyper: float | None) -> str:
+    return f"{z}|{'none' if hyper is None else hyper}"
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def phantom_options(c: DevCase) -> PhantomOptions:
     return PhantomOptions(randomise=True, modalities=("flair", "t2"), n_lesions=0 if c.healthy else None, **grid)
 
 
-def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...]) -> dict:
-    """One forward process, then DICE / volume for every candidate z."""
+def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...], hyper_grid: tuple = HYPER_GRID) -> dict:
+    """One forward process, then DICE / volume for every candidate (z, FLAIR gate)."""
     subject = make_subject(c.seed, phantom_options(c))
     t = time.perf_counter()
     res = detect(
@@ -82,17 +88,19 @@ def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...]) -> dict:
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     truth = case.reorientation.to_canonical(sitk.GetArrayFromImage(subject.labels)) > 0
     fwd, cal = res.extras["fpdm_forward"], res.extras["fpdm_calibration"]
+    flair = res.model_images[:, bundle.modalities.index("flair")]
     rows = {}
     for z in z_grid:
-        seg, info = volume_segmentation(fwd, cal, z)
-        _, lab = labelmap_from_model(case, seg.masks, res.indices, res.fit)
-        m = volume_level(lab > 0, truth, voxel_ml)
-        rows[str(z)] = {
-            "dice": round(m["dice"], 4),
-            "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
-            "false_positive_ml": round(m["false_positive_ml"], 3),
-            "slices_unhealthy": info["slices_unhealthy"],
-        }
+        for hyper in hyper_grid:
+            seg, info = volume_segmentation(fwd, cal, z, flair=flair, hyper_z=hyper)
+            _, lab = labelmap_from_model(case, seg.masks, res.indices, res.fit)
+            m = volume_level(lab > 0, truth, voxel_ml)
+            rows[rule_key(z, hyper)] = {
+                "dice": round(m["dice"], 4),
+                "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
+                "false_positive_ml": round(m["false_positive_ml"], 3),
+                "slices_unhealthy": info["slices_unhealthy"],
+            }
     _, lab = labelmap_from_model(case, res.extras["fpdm_model_masks"]["bundle"], res.indices, res.fit)
     bundle_row = {k: round(v, 4) for k, v in volume_level(lab > 0, truth, voxel_ml).items()}
     return {
@@ -108,15 +116,17 @@ def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...]) -> dict:
 
 
 def choose(records: list[dict], healthy_ml: float) -> dict:
-    """The best mean lesion DICE among the z whose healthy cases all stay under ``healthy_ml``."""
-    zs = sorted({float(z) for r in records for z in r["z"]})
+    """The best mean lesion DICE among the rules whose healthy cases all stay under ``healthy_ml``."""
+    keys = [rule_key(z, h) for h in HYPER_GRID for z in Z_GRID]
     table = []
-    for z in zs:
-        les = [r["z"][str(z)]["dice"] for r in records if not r["healthy"]]
-        fp = [r["z"][str(z)]["volume_ml"] for r in records if r["healthy"]]
+    for key in keys:
+        les = [r["z"][key]["dice"] for r in records if not r["healthy"]]
+        fp = [r["z"][key]["volume_ml"] for r in records if r["healthy"]]
+        z, hyper = key.split("|")
         table.append(
             {
-                "z": z,
+                "z": float(z),
+                "flair_hyper_z": None if hyper == "none" else float(hyper),
                 "mean_dice": float(np.mean(les)) if les else None,
                 "min_dice": float(np.min(les)) if les else None,
                 "max_healthy_ml": float(np.max(fp)) if fp else 0.0,
@@ -124,7 +134,13 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
         )
     ok = [t for t in table if t["max_healthy_ml"] <= healthy_ml and t["mean_dice"] is not None]
     best = max(ok, key=lambda t: (t["mean_dice"], -t["z"])) if ok else max(table, key=lambda t: t["z"])
-    return {"z": best["z"], "rule": f"best mean lesion DICE with every healthy case <= {healthy_ml} mL", "table": table}
+    return {
+        "z": best["z"],
+        "flair_hyper_z": best["flair_hyper_z"],
+        "mean_dice": best["mean_dice"],
+        "rule": f"best mean lesion DICE with every healthy case <= {healthy_ml} mL",
+        "table": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,24 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{c.seed}.json"
         if path.is_file():
             rec = json.loads(path.read_text())
-            if rec.get("bundle_sha256") == bundle.sha256 and set(rec["z"]) >= {str(z) for z in Z_GRID}:
+            wanted = {rule_key(z, h) for z in Z_GRID for h in HYPER_GRID}
+            if rec.get("bundle_sha256") == bundle.sha256 and set(rec["z"]) >= wanted:
                 records.append(rec)
                 continue
         print(f"case {c.seed} ({c.grid}, {'healthy' if c.healthy else 'lesion'})", flush=True)
         rec = evaluate_case(c, bundle, Z_GRID)
         rec["bundle_sha256"] = bundle.sha256
         path.write_text(json.dumps(rec, indent=1))
-        summary = {z: (v["dice"], v["volume_ml"]) for z, v in rec["z"].items()}
-        print(f"    {rec['seconds']:.0f} s, truth {rec['truth_ml']} mL, (dice, mL) per z: {summary}", flush=True)
+        summary = {k: (v["dice"], v["volume_ml"]) for k, v in rec["z"].items() if k.endswith(("none", "|1.0"))}
+        print(f"    {rec['seconds']:.0f} s, truth {rec['truth_ml']} mL, (dice, mL) per z|gate: {summary}", flush=True)
         records.append(rec)
     result = choose(records, args.healthy_ml)
     result["cases"] = [r["seed"] for r in records]
     result["bundle_sha256"] = bundle.sha256
     (args.out / "choice.json").write_text(json.dumps(result, indent=1))
-    print("z     mean DICE  min DICE  max healthy mL")
+    print("z     gate  mean DICE  min DICE  max healthy mL")
     for t in result["table"]:
-        print(f"{t['z']:5.1f} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} {t['max_healthy_ml']:10.2f}")
-    print(f"chosen z = {result['z']} ({result['rule']})")
+        gate = "none" if t["flair_hyper_z"] is None else f"{t['flair_hyper_z']:.1f}"
+        print(
+            f"{t['z']:5.1f} {gate:>5} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} {t['max_healthy_ml']:10.2f}"
+        )
+    print(f"chosen z = {result['z']}, FLAIR gate = {result['flair_hyper_z']} ({result['rule']})")
     return 0
 
 

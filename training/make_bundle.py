@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration phantoms (default: the library's DEFAULT_Z)",
     )
     p.add_argument(
+        "--volume-flair-z",
+        type=float,
+        default=None,
+        help="volume calibration: keep only mask pixels whose FLAIR is this many robust SDs above the case's "
+        "brain median (chosen with training/choose_volume_z.py; default: no FLAIR gate)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -143,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(args.volume_z) or args.volume_z <= 0:
                 raise AnomalyDiffusionError(f"--volume-z must be a positive number, not {args.volume_z}")
             manifest["pipeline"]["volume_z"] = float(args.volume_z)
+        if args.volume_flair_z is not None:
+            if not np.isfinite(args.volume_flair_z):
+                raise AnomalyDiffusionError(f"--volume-flair-z must be a number, not {args.volume_flair_z}")
+            manifest["pipeline"]["volume_flair_z"] = float(args.volume_flair_z)
         weights: dict = {}
         modalities = None
         slice_size = None

@@ -317,10 +317,15 @@ def detect(
             if gate == "none":  # the volume level needs every brain slice's forward process
                 pipe = b.manifest.get("pipeline", {})
                 z = float(pipe.get("volume_z", DEFAULT_Z))
-                hyper = pipe.get("volume_flair_z")  # optional FLAIR-hyperintensity gate
+                hyper, grow = pipe.get("volume_flair_z"), pipe.get("volume_grow_z")  # optional
                 flair = images[sel][:, b.modalities.index("flair")]
                 segs["volume"], vol_info = volume_segmentation(
-                    res, cal, z, flair=flair, hyper_z=None if hyper is None else float(hyper)
+                    res,
+                    cal,
+                    z,
+                    flair=flair,
+                    hyper_z=None if hyper is None else float(hyper),
+                    grow_z=None if grow is None else float(grow),
                 )
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running
@@ -420,30 +425,55 @@ def labelmap_from_model(
     return case.to_original(lab, sitk.sitkUInt8), lab
 
 
-def volume_segmentation(res, cal, z: float, flair: np.ndarray | None = None, hyper_z: float | None = None) -> tuple:
+def volume_segmentation(
+    res,
+    cal,
+    z: float,
+    flair: np.ndarray | None = None,
+    hyper_z: float | None = None,
+    grow_z: float | None = None,
+) -> tuple:
     """AnoFPDM masks with the per-volume calibration (:mod:`~AnomalyDiffusionLib.selfcal`): the filtered
     map thresholded at the case's own robust level (median + z · 1.4826 · MAD over all its brain
     pixels); a slice is unhealthy when a component survives.
 
+    ``grow_z`` (< ``z``) makes it a hysteresis threshold in 3D over the stack of analysed slices: a
+    region above the lower level ``grow_z`` is kept whole when it holds a pixel above ``z``. The high
+    level keeps a healthy case nearly empty, the low one gives a found lesion its extent.
+
     With ``hyper_z`` and the model-space FLAIR slices ``flair`` [N, S, S], a mask pixel must also be
     FLAIR-hyperintense: its FLAIR at least ``hyper_z`` robust SDs above the case's brain median
-    (:func:`~AnomalyDiffusionLib.selfcal.robust_standardise`); components that shrink below the
-    small-component size are dropped again. The lesions this targets are bright on FLAIR, while most
-    of the map's false alarms of a healthy case sit on dark CSF and tissue edges. Returns
+    (:func:`~AnomalyDiffusionLib.selfcal.robust_standardise`). The lesions this targets are bright on
+    FLAIR, while much of the map's tail on a healthy case lies on dark CSF and tissue edges.
+    Components smaller than the small-component size are dropped per slice at the end. Returns
     (Segmentation, info)."""
+    from scipy import ndimage
+
     from .fpdm import remove_small_components, segment
     from .selfcal import pixel_level, robust_standardise
 
+    if grow_z is not None and grow_z > z:
+        raise ValueError(f"grow_z ({grow_z}) must not exceed z ({z})")
     maps = segment(res, cal, classify=False, level=np.inf).maps  # filtered maps only
     fg = res.foreground if res.foreground is not None else np.ones(maps.shape, bool)
     level = pixel_level(maps, fg, z)
-    seg = segment(res, cal, classify=False, level=level)
+    low = level if grow_z is None else pixel_level(maps, fg, grow_z)
+    seg = segment(res, cal, classify=False, level=low)
+    masks = seg.masks
     if hyper_z is not None and flair is not None:
-        allowed = robust_standardise(flair, fg) >= hyper_z
-        min_px = round(cal.min_component * (maps.shape[-1] / 128.0) ** 2)
-        seg.masks = np.stack([remove_small_components(m & a, min_px) for m, a in zip(seg.masks, allowed, strict=True)])
+        masks = masks & (robust_standardise(flair, fg) >= hyper_z)
+    if grow_z is not None:
+        lab, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
+        seeded = np.zeros(n + 1, bool)
+        seeded[np.unique(lab[masks & (maps >= level)])] = True
+        seeded[0] = False
+        masks = seeded[lab]
+    min_px = round(cal.min_component * (maps.shape[-1] / 128.0) ** 2)
+    seg.masks = np.stack([remove_small_components(m, min_px) for m in masks]) if len(masks) else masks
     seg.unhealthy = seg.masks.reshape(len(seg.masks), -1).any(1)
     info = {"z": float(z), "pixel_level": level, "slices_unhealthy": int(seg.unhealthy.sum())}
+    if grow_z is not None:
+        info.update(grow_z=float(grow_z), grow_level=low)
     if hyper_z is not None:
         info["flair_hyper_z"] = float(hyper_z)
     return seg, info

@@ -161,3 +161,29 @@ def test_the_flair_gate_keeps_only_hyperintense_anomalies():
     # a gate no pixel passes leaves every slice healthy
     none, _ = volume_segmentation(fwd, cal, 8.0, flair=flair, hyper_z=100.0)
     assert not none.masks.any() and not none.unhealthy.any()
+
+
+def test_hysteresis_keeps_a_seeded_region_whole_and_drops_unseeded_ones():
+    """3D hysteresis (grow_z): a lesion whose core passes the high level keeps its weaker rim and
+    its weaker neighbouring slice; an equally weak region with no core anywhere is dropped."""
+    from AnomalyDiffusionLib.fpdm import Calibration
+    from AnomalyDiffusionLib.pipeline import volume_segmentation
+
+    fwd, _ = _two_blob_forward()
+    h = fwd.h
+    h[2, 0] = np.random.default_rng(5).uniform(0.0, 0.01, h.shape[-2:])
+    h[2, 0, 4:14, 4:14] = 0.2  # weak rim ...
+    h[2, 0, 6:12, 6:12] = 1.0  # ... around a strong core
+    h[3, 0, 4:14, 4:14] = 0.2  # the lesion continues, weakly, on the next slice
+    h[2, 0, 20:28, 20:28] = 0.2  # a weak region without a core
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=3, min_component=64)
+    high, _ = volume_segmentation(fwd, cal, 200.0)  # the core only
+    low, _ = volume_segmentation(fwd, cal, 30.0)  # every weak region too
+    grown, info = volume_segmentation(fwd, cal, 200.0, grow_z=30.0)
+    assert high.masks[2, 8, 8] and not high.masks[2, 5, 5] and not high.masks[3].any()
+    assert low.masks[2, 24, 24] and low.masks[3, 8, 8]
+    assert grown.masks[2, 5, 5] and grown.masks[3, 8, 8]  # the rim and the next slice
+    assert not grown.masks[2, 24, 24]  # no seed, dropped
+    assert info["grow_z"] == 30.0 and info["grow_level"] < info["pixel_level"]
+    with pytest.raises(ValueError, match="grow_z"):
+        volume_segmentation(fwd, cal, 10.0, grow_z=20.0)

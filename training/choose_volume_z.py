@@ -1,19 +1,22 @@
-"""Choose the volume calibration's ``z`` (``pipeline.volume_z`` of a bundle) on development phantoms.
+"""Choose the volume calibration's rule (``pipeline.volume_*`` of a bundle) on development phantoms.
 
 The per-volume calibration (:mod:`AnomalyDiffusionLib.selfcal`) thresholds a case's AnoFPDM map at
-``median + z × 1.4826 × MAD`` of its own brain pixels. ``z`` is the one number it needs, and it is
-chosen here, on **development** cases drawn with the training generator's domain randomisation
-(:func:`AnomalyDiffusionLib.phantom.randomised_appearance`) on BraTS-like and clinical grids, with
-seeds 40001 … (apart from training 0–39999 and from the shift family's 910001 …). The held-out shift
-family is never used to choose anything.
+``median + z × 1.4826 × MAD`` of its own brain pixels. Its few numbers (``z``, an optional
+FLAIR-hyperintensity gate, an optional 3D hysteresis level: see ``pipeline.volume_segmentation``)
+are chosen here, on **development** cases: the training generator's domain randomisation
+(:func:`AnomalyDiffusionLib.phantom.randomised_appearance`) on BraTS-like and clinical grids, and two
+plain training phantoms (where the bundle must keep working). Their seeds, 40001 …, lie apart from
+training (0–39999) and from the shift family (910001 …). The held-out shift family is never used
+to choose anything.
 
-Each case runs the forward process once (``pipeline.detect``, AnoFPDM only); every candidate ``z``
-then re-decides from the same maps. The rule: among the candidates whose false-positive volume on
-every healthy development case stays under ``--healthy-ml`` (a margin under the 2 mL the shift
-benchmark asks for), the one with the best mean DICE on the lesion cases.
+Each case runs the forward process once (``pipeline.detect``, AnoFPDM only); every candidate rule
+then re-decides from the same maps. The choice: among the rules whose segmented volume on every
+healthy development case stays under ``--healthy-ml`` (a margin under the 2 mL the shift benchmark
+asks for), the one with the best mean DICE on the lesion cases.
 
-    python training/choose_volume_z.py --out runs/choose_z            # ~30 min on 2 cores
-    python training/make_bundle.py ... --calibration volume --volume-z <chosen z>
+    python training/choose_volume_z.py --out runs/choose_z            # ~20 min on 2 cores
+    python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
+        [--volume-flair-z G] [--volume-grow-z L]
 
 Writes ``OUT/<seed>.json`` per case (cached: a rerun only adds missing cases) and ``OUT/choice.json``.
 """
@@ -36,19 +39,22 @@ from AnomalyDiffusionLib.options import DetectOptions
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject
 from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model, volume_segmentation
 
-Z_GRID = (4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 14.0, 16.0, 20.0)
-#: FLAIR-hyperintensity gates tried (robust SDs above the case's brain median; None: no gate)
-HYPER_GRID = (None, 0.0, 0.5, 1.0, 1.5, 2.0)
+#: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None)
+RULES = tuple(
+    [(z, None, None) for z in (8.0, 10.0, 12.0, 16.0, 20.0)]
+    + [(z, g, None) for z in (10.0, 16.0, 20.0) for g in (1.0, 2.0)]
+    + [(z, g, grow) for z in (12.0, 16.0, 20.0, 24.0) for g in (None, 1.0, 2.0) for grow in (6.0, 8.0, 10.0)]
+)
 
 
-def rule_key(z: float, hyper: float | None) -> str:
-    return f"{z}|{'none' if hyper is None else hyper}"
+def rule_key(z: float, hyper: float | None, grow: float | None = None) -> str:
+    return f"{z}|{'none' if hyper is None else hyper}|{'none' if grow is None else grow}"
 
 
 @dataclass(frozen=True)
 class DevCase:
     seed: int
-    grid: str  #: "brats" or "clinical"
+    grid: str  #: "brats", "clinical" (both domain-randomised) or "training" (the training phantom, 1.5 mm)
     slice_mm: float = 1.0
     healthy: bool = False
 
@@ -62,10 +68,14 @@ DEV = (
     DevCase(40006, "brats"),
     DevCase(40007, "clinical", 5.0, healthy=True),
     DevCase(40008, "clinical", 3.0, healthy=True),
+    DevCase(40009, "training"),
+    DevCase(40010, "training", healthy=True),
 )
 
 
 def phantom_options(c: DevCase) -> PhantomOptions:
+    if c.grid == "training":  # the phantom the bundle was trained on: it must keep working there
+        return PhantomOptions(spacing=1.5, modalities=("flair", "t2"), n_lesions=0 if c.healthy else 1)
     grid = (
         {"brats_grid": True}
         if c.grid == "brats"
@@ -74,8 +84,8 @@ def phantom_options(c: DevCase) -> PhantomOptions:
     return PhantomOptions(randomise=True, modalities=("flair", "t2"), n_lesions=0 if c.healthy else None, **grid)
 
 
-def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...], hyper_grid: tuple = HYPER_GRID) -> dict:
-    """One forward process, then DICE / volume for every candidate (z, FLAIR gate)."""
+def evaluate_case(c: DevCase, bundle, rules: tuple = RULES) -> dict:
+    """One forward process, then DICE / volume for every candidate rule."""
     subject = make_subject(c.seed, phantom_options(c))
     t = time.perf_counter()
     res = detect(
@@ -90,17 +100,16 @@ def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...], hyper_grid: tup
     fwd, cal = res.extras["fpdm_forward"], res.extras["fpdm_calibration"]
     flair = res.model_images[:, bundle.modalities.index("flair")]
     rows = {}
-    for z in z_grid:
-        for hyper in hyper_grid:
-            seg, info = volume_segmentation(fwd, cal, z, flair=flair, hyper_z=hyper)
-            _, lab = labelmap_from_model(case, seg.masks, res.indices, res.fit)
-            m = volume_level(lab > 0, truth, voxel_ml)
-            rows[rule_key(z, hyper)] = {
-                "dice": round(m["dice"], 4),
-                "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
-                "false_positive_ml": round(m["false_positive_ml"], 3),
-                "slices_unhealthy": info["slices_unhealthy"],
-            }
+    for z, hyper, grow in rules:
+        seg, info = volume_segmentation(fwd, cal, z, flair=flair, hyper_z=hyper, grow_z=grow)
+        _, lab = labelmap_from_model(case, seg.masks, res.indices, res.fit)
+        m = volume_level(lab > 0, truth, voxel_ml)
+        rows[rule_key(z, hyper, grow)] = {
+            "dice": round(m["dice"], 4),
+            "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
+            "false_positive_ml": round(m["false_positive_ml"], 3),
+            "slices_unhealthy": info["slices_unhealthy"],
+        }
     _, lab = labelmap_from_model(case, res.extras["fpdm_model_masks"]["bundle"], res.indices, res.fit)
     bundle_row = {k: round(v, 4) for k, v in volume_level(lab > 0, truth, voxel_ml).items()}
     return {
@@ -117,16 +126,17 @@ def evaluate_case(c: DevCase, bundle, z_grid: tuple[float, ...], hyper_grid: tup
 
 def choose(records: list[dict], healthy_ml: float) -> dict:
     """The best mean lesion DICE among the rules whose healthy cases all stay under ``healthy_ml``."""
-    keys = [rule_key(z, h) for h in HYPER_GRID for z in Z_GRID]
+    keys = [rule_key(*r) for r in RULES]
     table = []
     for key in keys:
         les = [r["z"][key]["dice"] for r in records if not r["healthy"]]
         fp = [r["z"][key]["volume_ml"] for r in records if r["healthy"]]
-        z, hyper = key.split("|")
+        z, hyper, grow = key.split("|")
         table.append(
             {
                 "z": float(z),
                 "flair_hyper_z": None if hyper == "none" else float(hyper),
+                "grow_z": None if grow == "none" else float(grow),
                 "mean_dice": float(np.mean(les)) if les else None,
                 "min_dice": float(np.min(les)) if les else None,
                 "max_healthy_ml": float(np.max(fp)) if fp else 0.0,
@@ -137,6 +147,7 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
     return {
         "z": best["z"],
         "flair_hyper_z": best["flair_hyper_z"],
+        "grow_z": best["grow_z"],
         "mean_dice": best["mean_dice"],
         "rule": f"best mean lesion DICE with every healthy case <= {healthy_ml} mL",
         "table": table,
@@ -165,28 +176,30 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{c.seed}.json"
         if path.is_file():
             rec = json.loads(path.read_text())
-            wanted = {rule_key(z, h) for z in Z_GRID for h in HYPER_GRID}
+            wanted = {rule_key(*r) for r in RULES}
             if rec.get("bundle_sha256") == bundle.sha256 and set(rec["z"]) >= wanted:
                 records.append(rec)
                 continue
         print(f"case {c.seed} ({c.grid}, {'healthy' if c.healthy else 'lesion'})", flush=True)
-        rec = evaluate_case(c, bundle, Z_GRID)
+        rec = evaluate_case(c, bundle)
         rec["bundle_sha256"] = bundle.sha256
         path.write_text(json.dumps(rec, indent=1))
-        summary = {k: (v["dice"], v["volume_ml"]) for k, v in rec["z"].items() if k.endswith(("none", "|1.0"))}
+        summary = {k: (v["dice"], v["volume_ml"]) for k, v in rec["z"].items() if k.endswith("|none")}
         print(f"    {rec['seconds']:.0f} s, truth {rec['truth_ml']} mL, (dice, mL) per z|gate: {summary}", flush=True)
         records.append(rec)
     result = choose(records, args.healthy_ml)
     result["cases"] = [r["seed"] for r in records]
     result["bundle_sha256"] = bundle.sha256
     (args.out / "choice.json").write_text(json.dumps(result, indent=1))
-    print("z     gate  mean DICE  min DICE  max healthy mL")
+    print("    z  gate  grow  mean DICE  min DICE  max healthy mL")
     for t in result["table"]:
         gate = "none" if t["flair_hyper_z"] is None else f"{t['flair_hyper_z']:.1f}"
+        grow = "none" if t["grow_z"] is None else f"{t['grow_z']:.1f}"
         print(
-            f"{t['z']:5.1f} {gate:>5} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} {t['max_healthy_ml']:10.2f}"
+            f"{t['z']:5.1f} {gate:>5} {grow:>5} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} "
+            f"{t['max_healthy_ml']:10.2f}"
         )
-    print(f"chosen z = {result['z']}, FLAIR gate = {result['flair_hyper_z']} ({result['rule']})")
+    print(f"chosen: z {result['z']}, FLAIR gate {result['flair_hyper_z']}, grow {result['grow_z']} ({result['rule']})")
     return 0
 
 

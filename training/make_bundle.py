@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "brain median (chosen with training/choose_volume_z.py; default: no FLAIR gate)",
     )
     p.add_argument(
+        "--volume-grow-z",
+        type=float,
+        default=None,
+        help="volume calibration: hysteresis in 3D, regions above this lower robust z are kept whole when they "
+        "reach --volume-z (chosen with training/choose_volume_z.py; default: one level)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -150,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(args.volume_z) or args.volume_z <= 0:
                 raise AnomalyDiffusionError(f"--volume-z must be a positive number, not {args.volume_z}")
             manifest["pipeline"]["volume_z"] = float(args.volume_z)
+        if args.volume_grow_z is not None:
+            top = manifest["pipeline"].get("volume_z")
+            if (
+                not np.isfinite(args.volume_grow_z)
+                or args.volume_grow_z <= 0
+                or top is None
+                or args.volume_grow_z > top
+            ):
+                raise AnomalyDiffusionError("--volume-grow-z must be a positive number no larger than --volume-z")
+            manifest["pipeline"]["volume_grow_z"] = float(args.volume_grow_z)
         if args.volume_flair_z is not None:
             if not np.isfinite(args.volume_flair_z):
                 raise AnomalyDiffusionError(f"--volume-flair-z must be a number, not {args.volume_flair_z}")

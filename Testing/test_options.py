@@ -131,7 +131,9 @@ def test_slicer_bridge_commands_derive_from_the_schema():
     )  # fmt: skip
     cmd = detect_command(req, python="py")
     assert cmd[cmd.index("--seed") + 1] == "3" and cmd[cmd.index("--calibration") + 1] == "volume"
-    assert cmd[cmd.index("--methods") + 1] == "fpdm,dode" and cmd[cmd.index("--device") + 1] == "cpu"
+    assert "--methods" not in cmd and cmd[cmd.index("--device") + 1] == "cpu"  # the bundle's default methods
+    both = detect_command(dataclasses.replace(req, methods=("fpdm", "dode")), python="py")
+    assert both[both.index("--methods") + 1] == "fpdm,dode"
     with pytest.raises(ValueError, match=r"^--w must be a finite number"):
         detect_command(dataclasses.replace(req, w=math.nan))
     with pytest.raises(ValueError, match="unknown detect option"):

@@ -4,24 +4,27 @@ The per-volume calibration (:mod:`AnomalyDiffusionLib.selfcal`) thresholds a cas
 ``median + z × 1.4826 × MAD`` of its own brain pixels. Its few numbers (``z``, an optional
 FLAIR-hyperintensity gate, an optional 3D hysteresis level: see ``pipeline.volume_segmentation``)
 are chosen here, on **development** cases: the training generator's domain randomisation
-(:func:`AnomalyDiffusionLib.phantom.randomised_appearance`) on BraTS-like and clinical grids, and two
-plain training phantoms (where the bundle must keep working). Their seeds, 40001 …, lie apart from
+(:func:`AnomalyDiffusionLib.phantom.randomised_appearance`) on BraTS-like and clinical grids, and
+plain training phantoms on their own grid and resampled to oblique thick-slice grids (where the
+bundle must keep working). Their seeds, 40001 …, lie apart from
 training (0–39999) and from the shift family (910001 …). The held-out shift family is never used
 to choose anything.
 
 Each case runs the forward process once (``pipeline.detect``, AnoFPDM only); every candidate rule
 then re-decides from the same maps. The choice: the best mean case score over all development
 cases, a lesion case scoring its volume DICE and a healthy one ``1 − segmented mL / 2 mL`` (floored
-at 0; 2 mL is the shift benchmark's limit). (A first rule, the best lesion DICE with every healthy
-case under 1 mL, chose z 20 with a FLAIR gate of 2 and no growth; that cut the lesion DICE of the
-plain training phantom 40009 to 0.28, because one randomised healthy case with a strong bias field
-has a lesion-like region at z 24, and a single case should not decide.)
+at 0; 2 mL is the shift benchmark's limit). A first rule, the best lesion DICE with every healthy
+case under 1 mL, chose z 20 with a FLAIR gate of 2 and no growth; it cut the lesion DICE of the plain
+training phantom 40009 to 0.28, because one randomised healthy case (40003, a strong bias field)
+has a lesion-like region up to z 24, and a single case should not decide. Cases 40011–40013 (the
+training phantom on oblique thick-slice grids) were added afterwards; they left the choice as it was.
 
-    python training/choose_volume_z.py --out runs/choose_z            # ~20 min on 2 cores
+    python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
         [--volume-flair-z G] [--volume-grow-z L]
 
-Writes ``OUT/<seed>.json`` per case (cached: a rerun only adds missing cases) and ``OUT/choice.json``.
+Writes ``OUT/<seed>.json`` per case (cached per bundle sha256: a rerun only adds missing cases) and
+``OUT/choice.json``; about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ import SimpleITK as sitk
 from AnomalyDiffusionLib.bundle import open_bundle
 from AnomalyDiffusionLib.metrics import volume_level
 from AnomalyDiffusionLib.options import DetectOptions
-from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject
+from AnomalyDiffusionLib.phantom import (
+    PhantomCase,
+    PhantomOptions,
+    make_grid,
+    make_subject,
+    oblique_direction,
+    resample_case,
+)
 from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model, volume_segmentation
 
 #: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None)
@@ -58,9 +68,12 @@ def rule_key(z: float, hyper: float | None, grow: float | None = None) -> str:
 @dataclass(frozen=True)
 class DevCase:
     seed: int
-    grid: str  #: "brats", "clinical" (both domain-randomised) or "training" (the training phantom, 1.5 mm)
+    #: "brats", "clinical" (both domain-randomised), "training" (the training phantom, 1.5 mm) or
+    #: "training-oblique" (the training phantom resampled to an oblique 1.2 × 1.2 × slice_mm grid)
+    grid: str
     slice_mm: float = 1.0
     healthy: bool = False
+    tilt_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 DEV = (
@@ -74,11 +87,14 @@ DEV = (
     DevCase(40008, "clinical", 3.0, healthy=True),
     DevCase(40009, "training"),
     DevCase(40010, "training", healthy=True),
+    DevCase(40011, "training-oblique", 2.5, tilt_deg=(-8.0, 5.0, 12.0)),
+    DevCase(40012, "training-oblique", 4.0, tilt_deg=(6.0, 9.0, -10.0)),
+    DevCase(40013, "training-oblique", 3.0, healthy=True, tilt_deg=(-5.0, -7.0, 8.0)),
 )
 
 
 def phantom_options(c: DevCase) -> PhantomOptions:
-    if c.grid == "training":  # the phantom the bundle was trained on: it must keep working there
+    if c.grid.startswith("training"):  # the phantom the bundle was trained on: it must keep working there
         return PhantomOptions(spacing=1.5, modalities=("flair", "t2"), n_lesions=0 if c.healthy else 1)
     grid = (
         {"brats_grid": True}
@@ -88,9 +104,22 @@ def phantom_options(c: DevCase) -> PhantomOptions:
     return PhantomOptions(randomise=True, modalities=("flair", "t2"), n_lesions=0 if c.healthy else None, **grid)
 
 
+def dev_subject(c: DevCase) -> PhantomCase:
+    """The development case's images and labels."""
+    subject = make_subject(c.seed, phantom_options(c))
+    if c.grid != "training-oblique":
+        return subject
+    # a clinical acquisition of the training phantom: thick oblique slices over the head's extent
+    spacing = (1.2, 1.2, c.slice_mm)
+    extent = np.array(subject.labels.GetSize()) * np.array(subject.labels.GetSpacing())
+    size = [int(np.ceil(e / s)) for e, s in zip(extent, spacing, strict=True)]
+    grid = make_grid(subject.labels, spacing, oblique_direction(c.tilt_deg, flip=(0, 2)), size=size)
+    return resample_case(subject, grid)
+
+
 def evaluate_case(c: DevCase, bundle, rules: tuple = RULES) -> dict:
     """One forward process, then DICE / volume for every candidate rule."""
-    subject = make_subject(c.seed, phantom_options(c))
+    subject = dev_subject(c)
     t = time.perf_counter()
     res = detect(
         {"flair": subject.images["flair"], "t2": subject.images["t2"]},

@@ -32,7 +32,7 @@ def test_demo_runs_detect_and_matches_its_ground_truth(tmp_path):
     r = run("--progress", "jsonl", "demo", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"stage"')]
-    assert {rec["stage"] for rec in lines} >= {"phantom", "reading", "fpdm", "dode", "writing"}
+    assert {rec["stage"] for rec in lines} >= {"phantom", "reading", "fpdm", "writing"}
     assert lines[-1]["fraction"] == 1.0
     out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())

@@ -20,8 +20,9 @@ has a lesion-like region up to z 24, and a single case should not decide. Cases 
 training phantom on oblique thick-slice grids) were added afterwards; they left the choice as it was
 (z 32, gate 1, grow 6). That rule found nothing on the demo case (the training phantom on an oblique
 2.5 mm grid, seed 11, which is not a development case), so five more development cases of that kind
-(40014–40018) and z steps of 2 between 26 and 32 were added, and the choice was made again from
-the development cases alone.
+(40014–40018) and z steps of 2 between 26 and 32 were added, to make the choice again from the
+development cases alone. That run was stopped unfinished for lack of time (2026-12-03): bundle 2.1
+stores the z 32 rule and keeps the bundle calibration as its default. Run this script to finish it.
 
     python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \

@@ -454,12 +454,18 @@ def volume_segmentation(
 
     if grow_z is not None and grow_z > z:
         raise ValueError(f"grow_z ({grow_z}) must not exceed z ({z})")
-    maps = segment(res, cal, classify=False, level=np.inf).maps  # filtered maps only
+    seg = segment(res, cal, classify=False, level=np.inf)  # the filtered maps; masks follow below
+    maps = seg.maps
     fg = res.foreground if res.foreground is not None else np.ones(maps.shape, bool)
     level = pixel_level(maps, fg, z)
     low = level if grow_z is None else pixel_level(maps, fg, grow_z)
-    seg = segment(res, cal, classify=False, level=low)
-    masks = seg.masks
+    min_px = round(cal.min_component * (maps.shape[-1] / 128.0) ** 2)
+    # what segment(level=low) gives, without filtering the maps a second time
+    raw = maps >= low
+    if cal.foreground_only and res.foreground is not None:
+        raw &= res.foreground
+    masks = np.stack([remove_small_components(m, min_px) for m in raw]) if len(raw) else raw
+    seg.thresholds[:] = low
     if hyper_z is not None and flair is not None:
         masks = masks & (robust_standardise(flair, fg) >= hyper_z)
     if grow_z is not None:
@@ -468,7 +474,6 @@ def volume_segmentation(
         seeded[np.unique(lab[masks & (maps >= level)])] = True
         seeded[0] = False
         masks = seeded[lab]
-    min_px = round(cal.min_component * (maps.shape[-1] / 128.0) ** 2)
     seg.masks = np.stack([remove_small_components(m, min_px) for m in masks]) if len(masks) else masks
     seg.unhealthy = seg.masks.reshape(len(seg.masks), -1).any(1)
     info = {"z": float(z), "pixel_level": level, "slices_unhealthy": int(seg.unhealthy.sum())}

@@ -16,14 +16,15 @@ Opening a bundle (:func:`open_bundle`) checks, before any tensor is built:
 
 Weights are read with safetensors (never pickle); weight files may be stored as float16 to keep the
 embedded bundle small and are cast back to float32 when read (``"dtype"`` per file in the manifest).
-This module reads, verifies and writes bytes and schema only, and imports no method: the networks
-are rebuilt from the manifest and loaded strictly by the method side
-(:func:`~AnomalyDiffusionLib.modelio.fpdm_from_bundle`,
-:func:`~AnomalyDiffusionLib.dode.model.dode_from_bundle`,
-:func:`~AnomalyDiffusionLib.dode.model.decoder_from_bundle`).
+This module reads, verifies and writes bytes and the container's schema only, and imports no method.
+Each method owns its manifest section (the section named after it: ``fpdm``, ``dode``): it checks it
+(``<method>.manifest.validate``, run for every listed method by
+:func:`AnomalyDiffusionLib.methods.validate_bundle`), writes it (``<method>.manifest.section``) and
+rebuilds its networks from it (``<method>.model``). A bundle listing a method this library does not
+know opens; running that method is refused by name.
 
-:func:`write_bundle` is the only writer; training/calibration scripts assemble a manifest from their
-run folders with :func:`fpdm_section` / :func:`dode_section` and call it.
+:func:`write_bundle` is the only writer; training and packaging scripts assemble a manifest from
+the method sections and call it.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -50,7 +52,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-diffusion-bundle"
 FORMAT_VERSION = "1.0"
-METHODS = ("fpdm", "dode")
+#: a method name: the manifest section and the library package of that method
+METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
@@ -62,8 +65,8 @@ class BundleError(AnomalyDiffusionError):
 
 # ------------------------------------------------------------------------------------ schema
 #: required keys → accepted types (a tuple means any of them); nested sections checked separately
-_Spec = dict[str, type | tuple[type, ...]]
-_TOP: _Spec = {
+FieldSpec = dict[str, type | tuple[type, ...]]
+_TOP: FieldSpec = {
     "format": str,
     "format_version": str,
     "name": str,
@@ -75,37 +78,10 @@ _TOP: _Spec = {
     "slice_size": int,
     "files": dict,
 }
-_FPDM: _Spec = {
-    "weights": str,
-    "network": dict,
-    "schedule": dict,
-    "settings": dict,
-    "calibration": dict,
-}
-_FPDM_CAL: _Spec = {
-    "w": (int, float),
-    "cos_threshold": (int, float),
-    "m_max": list,
-    "a": (int, float),
-    "b": (int, float),
-    "median_size": int,
-    "min_component": int,
-}
-_DODE: _Spec = {
-    "modality": str,
-    "encoder": dict,
-    "sde": dict,
-    "scales": list,
-    "score_networks": dict,
-    "likelihood": dict,
-    "decision_threshold": (int, float, type(None)),
-}
-_ENCODER: _Spec = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
-_SCORE: _Spec = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
-_FILE: _Spec = {"sha256": str, "bytes": int}
+_FILE: FieldSpec = {"sha256": str, "bytes": int}
 
 
-def _require(d: object, spec: Mapping[str, type | tuple[type, ...]], where: str) -> dict:
+def require_fields(d: object, spec: FieldSpec, where: str) -> dict:
     """``d`` itself once it is an object with every key of ``spec`` of an accepted type."""
     if not isinstance(d, dict):
         raise BundleError(f"manifest: {where} must be an object")
@@ -124,7 +100,7 @@ def _require(d: object, spec: Mapping[str, type | tuple[type, ...]], where: str)
 def validate_manifest(m: object) -> dict:
     """Check a manifest's schema and version; returns it. Raises :class:`BundleError` naming the
     first problem."""
-    m = _require(m, _TOP, "top level")
+    m = require_fields(m, _TOP, "top level")
     if m["format"] != FORMAT:
         raise BundleError(f"not an AnomalyDiffusion bundle (format {m['format']!r}, expected {FORMAT!r})")
     try:
@@ -144,8 +120,15 @@ def validate_manifest(m: object) -> dict:
             FORMAT_VERSION,
         )
     methods = m["methods"]
-    if not methods or any(x not in METHODS for x in methods) or len(set(methods)) != len(methods):
-        raise BundleError(f"manifest: methods must be a non-empty subset of {list(METHODS)}, not {methods}")
+    if (
+        not methods
+        or any(not isinstance(x, str) or not METHOD_NAME.match(x) for x in methods)
+        or len(set(methods)) != len(methods)
+    ):
+        raise BundleError(f"manifest: methods must be distinct, non-empty method names, not {methods}")
+    for name in methods:
+        if not isinstance(m.get(name), dict):
+            raise BundleError(f"manifest: method '{name}' has no '{name}' section")
     mods = m["modalities"]
     if not mods or any(x not in MODALITIES for x in mods) or len(set(mods)) != len(mods):
         raise BundleError(f"manifest: modalities must be distinct names from {list(MODALITIES)}, not {mods}")
@@ -153,44 +136,13 @@ def validate_manifest(m: object) -> dict:
         raise BundleError(f"manifest: slice_size {m['slice_size']} is too small")
     for name, entry in m["files"].items():
         _safe_member(name)
-        _require(entry, _FILE, f"files['{name}']")
+        require_fields(entry, _FILE, f"files['{name}']")
         if len(entry["sha256"]) != 64:
             raise BundleError(f"manifest: files['{name}'].sha256 is not a sha256 hex digest")
-    if "fpdm" in methods:
-        f = _require(m.get("fpdm"), _FPDM, "fpdm")
-        _require(f["calibration"], _FPDM_CAL, "fpdm.calibration")
-        _need_file(m, f["weights"], "fpdm.weights")
-        mc = f["settings"].get("map_channels")
-        n_map = len(mods) if mc is None else len(mc)
-        if len(f["calibration"]["m_max"]) != n_map:
-            raise BundleError(
-                f"manifest: fpdm.calibration.m_max has {len(f['calibration']['m_max'])} value(s) "
-                f"for {n_map} map channel(s)"
-            )
-        if f["network"].get("in_channels") != len(mods) or f["network"].get("image_size") != m["slice_size"]:
-            raise BundleError("manifest: fpdm.network does not match the bundle's modalities/slice_size")
-    if "dode" in methods:
-        d = _require(m.get("dode"), _DODE, "dode")
-        _require(d["encoder"], _ENCODER, "dode.encoder")
-        _need_file(m, d["encoder"]["weights"], "dode.encoder.weights")
-        if d["modality"] not in mods:
-            raise BundleError(f"manifest: dode.modality {d['modality']!r} is not among the modalities {mods}")
-        if not d["scales"] or any(not isinstance(s, int) or s < 32 for s in d["scales"]):
-            raise BundleError(f"manifest: dode.scales must be input sizes ≥ 32, not {d['scales']}")
-        for s in d["scales"]:
-            sn = _require(d["score_networks"].get(str(s)), _SCORE, f"dode.score_networks['{s}']")
-            _need_file(m, sn["weights"], f"dode.score_networks['{s}'].weights")
-            c = sn["network"].get("in_channels")
-            if len(sn["feature_mean"]) != c or len(sn["feature_std"]) != c:
-                raise BundleError(f"manifest: feature standardisation of scale {s} does not have {c} channels")
-        dec = d.get("decoder")
-        if dec is not None:
-            _require(dec, {"weights": str, "scale": int, "config": dict}, "dode.decoder")
-            _need_file(m, dec["weights"], "dode.decoder.weights")
     return m
 
 
-def _need_file(m: dict, name: str, where: str) -> None:
+def need_file(m: dict, name: str, where: str) -> None:
     if name not in m["files"]:
         raise BundleError(f"manifest: {where} names '{name}', which is not listed under files")
 
@@ -421,10 +373,13 @@ def write_bundle(
     weights: Mapping[str, Mapping[str, torch.Tensor]],
     dtype: str = "float32",
     as_zip: bool = False,
+    validate: Callable[[dict], object] = validate_manifest,
 ) -> Path:
     """Write a bundle atomically: ``manifest`` (without ``files``) plus ``weights`` (file name →
     state dict). Fills ``format``, ``format_version``, ``created``, ``library_version`` and ``files``
-    (sha256, bytes, dtype), validates the result, and moves it into place only when complete."""
+    (sha256, bytes, dtype), validates the result with ``validate`` (the container's schema here;
+    :func:`AnomalyDiffusionLib.methods.validate_manifest_sections` checks the method sections too)
+    and moves it into place only when complete."""
     if dtype not in ("float32", "float16"):
         raise ValueError("dtype must be 'float32' or 'float16'")
     blobs = {name: _tensor_bytes(t, dtype) for name, t in weights.items()}
@@ -439,7 +394,7 @@ def write_bundle(
             for name, b in blobs.items()
         },
     }
-    validate_manifest(json.loads(json.dumps(m)))  # what a reader will see
+    validate(json.loads(json.dumps(m)))  # what a reader will see
     text = json.dumps(m, indent=1).encode()
     dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -474,77 +429,3 @@ def write_bundle(
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return dest
-
-
-# ------------------------------------------------------------------------ assembling from runs
-def fpdm_section(
-    model, schedule, settings, calibration, weights: str = "fpdm.safetensors", **extra
-) -> tuple[dict, dict]:
-    """Manifest section and weight files for an AnoFPDM model: ``({"fpdm": ...}, {file: state})``."""
-    sec = {
-        "weights": weights,
-        "network": model.config.as_dict(),
-        "schedule": schedule.as_dict(),
-        "settings": settings.as_dict(),
-        "calibration": calibration.as_dict(),
-        **extra,
-    }
-    return sec, {weights: model.state_dict()}
-
-
-def dode_section(
-    dode_model,
-    decision_threshold: float | None,
-    likelihood: dict,
-    modality: str = "flair",
-    decoder=None,
-    decoder_scale: int | None = None,
-    decoder_settings: dict | None = None,
-    encoder_source: str = "",
-) -> tuple[dict, dict]:
-    """Manifest section and weight files for an AnoDODE model (encoder cut, score nets, optional
-    decoder). Only the encoder's kept stages are stored."""
-    spec = dode_model.spec
-    files: dict[str, dict] = {"dode_encoder.safetensors": dode_model.encoder.state_dict()}
-    # timm-style names so build_encoder(state=...) loads them into the full network
-    sec: dict = {
-        "modality": modality,
-        "encoder": {
-            "weights": "dode_encoder.safetensors",
-            "timm_name": spec.name,
-            "stages": spec.stages,
-            "pretrained": spec.pretrained,
-            "source": encoder_source,
-        },
-        "sde": {
-            "kind": "vp",
-            "beta_min": float(dode_model.nets[0].sde.beta_min),
-            "beta_max": float(dode_model.nets[0].sde.beta_max),
-        },
-        "scales": [int(s) for s in dode_model.scales],
-        "score_networks": {},
-        "likelihood": likelihood,
-        "decision_threshold": None if decision_threshold is None else float(decision_threshold),
-        "decoder": None,
-    }
-    for s, net, std in zip(dode_model.scales, dode_model.nets, dode_model.standardisers, strict=True):
-        name = f"dode_score_{s}.safetensors"
-        files[name] = net.state_dict()
-        sec["score_networks"][str(s)] = {
-            "weights": name,
-            "network": net.config.as_dict(),
-            "feature_mean": [float(v) for v in std.mean],
-            "feature_std": [float(v) for v in std.std],
-        }
-    if decoder is not None:
-        if decoder_scale is None:
-            raise ValueError("a decoder needs its decoder_scale")
-        name = f"dode_decoder_{decoder_scale}.safetensors"
-        files[name] = decoder.state_dict()
-        sec["decoder"] = {
-            "weights": name,
-            "scale": int(decoder_scale),
-            "config": decoder.config,
-            **(decoder_settings or {}),
-        }
-    return sec, files

@@ -167,7 +167,7 @@ def _detect_options(args: argparse.Namespace):
 
 
 def _cmd_detect(args: argparse.Namespace, progress) -> int:
-    from .bundle import open_bundle
+    from .methods import open_checked as open_bundle
     from .outputs import check_format, write_result
     from .pipeline import detect
 
@@ -201,7 +201,7 @@ def _cmd_batch(args: argparse.Namespace, progress) -> int:
     from dataclasses import replace
 
     from .batch import distributed_env, find_cases, fingerprint, merge, parse_shard, run_cases, select_shard
-    from .bundle import open_bundle
+    from .methods import open_checked as open_bundle
     from .outputs import check_format
 
     options = _detect_options(args)
@@ -309,7 +309,7 @@ class _NotInSummary(logging.Filter):
 
 
 def _cmd_bundle(args: argparse.Namespace, progress) -> int:
-    from .bundle import open_bundle
+    from .methods import open_checked as open_bundle
 
     b = open_bundle(args.path)
     if args.action == "verify":

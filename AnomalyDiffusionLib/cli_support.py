@@ -47,7 +47,7 @@ class TqdmProgress:
         self.enabled = force or self.stream.isatty()
         self.plain_step = plain_step
         self._bar = None
-        self._stage = None
+        self._stage: str | None = None
         self._next = 0.0
         self._t0 = time.monotonic()
 

@@ -261,8 +261,17 @@ def check(name: str, value: Any) -> Any:
         return value
     if spec.kind == "methods":
         items = _sequence(spec, value)
-        if not items or any(m not in spec.choices for m in items) or len(set(items)) != len(items):
-            raise InputError(f"{spec.flag} takes {', '.join(spec.choices)} or {','.join(spec.choices)}; got {value!r}")
+        # names only: which methods exist is the registry's (AnomalyDiffusionLib.methods) to say, so a
+        # new method needs no change here; ``choices`` documents this library's
+        if (
+            not items
+            or any(not isinstance(m, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", m) for m in items)
+            or len(set(items)) != len(items)
+        ):
+            raise InputError(
+                f"{spec.flag} takes distinct method names such as {', '.join(spec.choices)} or "
+                f"{','.join(spec.choices)}; got {value!r}"
+            )
         return items
     if spec.kind == "ints":
         items = tuple(_number(spec, v, integer=True) for v in _sequence(spec, value))

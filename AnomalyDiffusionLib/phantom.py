@@ -150,7 +150,7 @@ def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: floa
     return (field_ / (field_.std() + 1e-12)).astype(np.float32)
 
 
-def rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
+def rotation_matrix(degrees: Sequence[float] | np.ndarray) -> np.ndarray:
     """R = Rz · Ry · Rx for rotations by ``degrees`` = (about x, about y, about z)."""
     ax, ay, az = np.deg2rad(np.asarray(degrees, dtype=float))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -485,7 +485,9 @@ def brats_grid(like: sitk.Image) -> sitk.Image:
     return make_grid(like, (1.0, 1.0, 1.0), np.eye(3), (240, 240, 155))
 
 
-def oblique_direction(degrees: Sequence[float] = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)) -> np.ndarray:
+def oblique_direction(
+    degrees: Sequence[float] | np.ndarray = (12.0, -7.0, 20.0), flip: Sequence[int] = (0,)
+) -> np.ndarray:
     """A direction matrix rotated by the given angles (about x, y, z) with some axes flipped."""
     d = rotation_matrix(degrees)
     for k in flip:

@@ -50,12 +50,15 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
     format, loading and plumbing tests, never for accuracy."""
     import torch
 
-    from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, write_bundle
+    from AnomalyDiffusionLib.bundle import write_bundle
     from AnomalyDiffusionLib.diffusion import Schedule, UNet, unet_config
     from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder
+    from AnomalyDiffusionLib.dode.manifest import section as dode_section
     from AnomalyDiffusionLib.dode.model import DODEModel
     from AnomalyDiffusionLib.dode.score import ScoreNet, score_config
     from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
+    from AnomalyDiffusionLib.fpdm.manifest import section as fpdm_section
+    from AnomalyDiffusionLib.methods import validate_manifest_sections
 
     torch.manual_seed(seed)
     manifest = {
@@ -87,4 +90,4 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
             likelihood={"method": "rk4", "steps": 2, "rtol": 1e-3, "atol": 1e-3, "probe": "rademacher"},
         )
         weights.update(files)
-    return write_bundle(out, manifest, weights, dtype=dtype, as_zip=as_zip)
+    return write_bundle(out, manifest, weights, dtype=dtype, as_zip=as_zip, validate=validate_manifest_sections)

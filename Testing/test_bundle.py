@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import make_tiny_bundle
 
-from AnomalyDiffusionLib.bundle import BundleError, open_bundle, validate_manifest
+from AnomalyDiffusionLib.bundle import BundleError, open_bundle
 from AnomalyDiffusionLib.dode.model import dode_from_bundle
-from AnomalyDiffusionLib.modelio import fpdm_from_bundle
+from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
+from AnomalyDiffusionLib.methods import validate_manifest_sections
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_round_trip_rebuilds_identical_networks(tmp_path):
 def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
     """The training/benchmark scripts' loader takes a bundle (folder or zip) and returns its AnoFPDM
     network with the bundle's modalities, settings and calibration; a tampered one is refused there too."""
-    from AnomalyDiffusionLib.modelio import load_unet_any
+    from AnomalyDiffusionLib.fpdm.model import load_unet_any
 
     unet, _, settings, cal = fpdm_from_bundle(open_bundle(tiny))
     for src in (tiny, make_tiny_bundle(tmp_path / "b.zip", as_zip=True)):
@@ -67,8 +68,9 @@ def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
 def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decoder(tmp_path):
     """The method-side loaders (the bundle module itself builds no network): each refuses a bundle
     that lacks its method or the optional AnoDODE decoder by name; the decoder round-trips."""
-    from AnomalyDiffusionLib.bundle import dode_section, write_bundle
+    from AnomalyDiffusionLib.bundle import write_bundle
     from AnomalyDiffusionLib.dode.decoder import Decoder
+    from AnomalyDiffusionLib.dode.manifest import section as dode_section
     from AnomalyDiffusionLib.dode.model import decoder_from_bundle
 
     only_fpdm = open_bundle(make_tiny_bundle(tmp_path / "f", methods=("fpdm",)))
@@ -175,7 +177,8 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
     [
         (lambda m: m.pop("modalities"), "lacks 'modalities'"),
         (lambda m: m.update(slice_size="64"), "slice_size has the wrong type"),
-        (lambda m: m.update(methods=["fpdm", "magic"]), "methods must be"),
+        (lambda m: m.update(methods=["fpdm", "Magic!"]), "methods must be"),
+        (lambda m: m.update(methods=["fpdm", "magic"]), "method 'magic' has no 'magic' section"),
         (lambda m: m["fpdm"]["calibration"].pop("cos_threshold"), "lacks 'cos_threshold'"),
         (lambda m: m["fpdm"]["calibration"].update(m_max=[0.1]), "m_max has 1 value"),
         (lambda m: m["dode"].update(modality="pd"), "not among the modalities"),
@@ -187,7 +190,7 @@ def test_schema_errors_name_the_problem(tiny, edit, message):
     m = json.loads((tiny / "manifest.json").read_text())
     edit(m)
     with pytest.raises(BundleError, match=message):
-        validate_manifest(m)
+        validate_manifest_sections(m)
 
 
 def test_not_a_bundle(tmp_path):

@@ -3,7 +3,10 @@
 Every ``import`` statement counts, at module level or inside a function: a function-level import
 that only postpones a cycle is still a cycle (the modules still depend on each other both ways).
 Imports under ``if TYPE_CHECKING:`` never run and are left out. Importing ``a.b.c`` also runs the
-packages ``a`` and ``a.b`` (their ``__init__``), so those are edges too. Found with :mod:`ast`.
+packages ``a`` and ``a.b`` (their ``__init__``), so those are edges too, except from a module inside
+them: a module's own packages have always started initialising before it runs, so reaching them
+again reads nothing new, unless the import reads a name their ``__init__`` defines (``from . import
+__version__``), which is an edge. Found with :mod:`ast`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def import_graph(pkg_dir: Path) -> dict[str, dict[str, int]]:
     for mod, path in modules.items():
         is_pkg = path.name == "__init__.py"
         here = mod.split(".") if is_pkg else mod.split(".")[:-1]  # the package relative imports start from
+        parts = mod.split(".")
+        ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}  # packages that hold ``mod``
         for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -77,12 +82,13 @@ def import_graph(pkg_dir: Path) -> dict[str, dict[str, int]]:
                     prefix = ".".join(base + ([node.module] if node.module else []))
                 else:
                     prefix = node.module or ""
-                targets = [prefix]
                 # "from pkg import name": name may be a submodule
-                targets += [f"{prefix}.{a.name}" for a in node.names if f"{prefix}.{a.name}" in modules]
+                subs = [f"{prefix}.{a.name}" for a in node.names if f"{prefix}.{a.name}" in modules]
+                reads_init = len(subs) < len(node.names)  # some name is defined in pkg's __init__
+                targets = ([prefix] if reads_init or prefix not in ancestors else []) + subs
             for t in targets:
                 for dep in _with_parents(t, modules):
-                    if dep != mod:
+                    if dep != mod and (dep == t or dep not in ancestors):
                         graph[mod].setdefault(dep, node.lineno)
     return graph
 
@@ -146,7 +152,9 @@ def test_bundle_module_reads_bytes_and_schema_only() -> None:
     networks from a verified bundle, never the other way round."""
     graph = import_graph(ROOT / PACKAGE)
     assert set(graph[f"{PACKAGE}.bundle"]) <= {PACKAGE, f"{PACKAGE}.errors"}
-    assert f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.modelio"] and f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.dode.model"]
+    for method in ("fpdm", "dode"):
+        assert f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.{method}.model"]
+        assert f"{PACKAGE}.bundle" in graph[f"{PACKAGE}.{method}.manifest"]
 
 
 def test_library_graph_sees_the_known_edges() -> None:
@@ -156,7 +164,7 @@ def test_library_graph_sees_the_known_edges() -> None:
     assert f"{PACKAGE}.errors" in graph[f"{PACKAGE}.volumes"]  # module level, "from .errors import ..."
     assert f"{PACKAGE}.pipeline" in graph[f"{PACKAGE}.cli"]  # inside a function
     assert f"{PACKAGE}.diffusion" in graph[f"{PACKAGE}.dode.score"]  # "from ..diffusion import ..."
-    assert f"{PACKAGE}.dode" in graph[f"{PACKAGE}.pipeline"]  # the subpackage's __init__ runs first
+    assert f"{PACKAGE}.fpdm" in graph[f"{PACKAGE}.methods"]  # the subpackage's __init__ runs first
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -215,6 +223,26 @@ def _write(root: Path, files: dict[str, str]) -> Path:
         (
             {"pkg/__init__.py": "", "pkg/a.py": "from . import b\n", "pkg/b.py": "import os\n"},
             [],
+        ),
+        # a package re-exporting its modules, which import each other one way: no cycle (their
+        # package has started initialising before they run, and they read nothing from it)
+        (
+            {
+                "pkg/__init__.py": "",
+                "pkg/sub/__init__.py": "from .a import x\nfrom .b import y\n",
+                "pkg/sub/a.py": "x = 1\n",
+                "pkg/sub/b.py": "from .a import x\nfrom . import a\ny = x\n",
+            },
+            [],
+        ),
+        # ... but a module reading a name the re-exporting __init__ defines closes a cycle
+        (
+            {
+                "pkg/__init__.py": "",
+                "pkg/sub/__init__.py": "from .a import x\nz = 2\n",
+                "pkg/sub/a.py": "from . import z\nx = z\n",
+            },
+            [["pkg.sub", "pkg.sub.a"]],
         ),
     ],
 )

@@ -36,7 +36,12 @@ REFUSED = [
     ("--batch-size", "0", "--batch-size must be an integer from 1 to 4096, not 0"),
     ("--slices", "30:10", "--slices must be START:STOP with 0 ≤ START < STOP (either may be left out), not (30, 10)"),
     ("--slices", "a:b", "--slices must be START:STOP with integers, not 'a:b'"),
-    ("--methods", "magic", "--methods takes fpdm, dode or fpdm,dode; got ('magic',)"),
+    ("--methods", "Magic!", "--methods takes distinct method names such as fpdm, dode or fpdm,dode; got ('Magic!',)"),
+    (
+        "--methods",
+        "fpdm,fpdm",
+        "--methods takes distinct method names such as fpdm, dode or fpdm,dode; got ('fpdm', 'fpdm')",
+    ),
     ("--device", "gpu", "--device must be auto, cpu, cuda or cuda:N, not 'gpu'"),
     ("--gap", "leap", "--gap must be jump or extrapolate, not 'leap'"),
     ("--mode", "ddxm", "--mode must be ddim or ddpm, not 'ddxm'"),

@@ -147,8 +147,7 @@ def _two_blob_forward(n: int = 6, s: int = 32):
 
 
 def test_the_flair_gate_keeps_only_hyperintense_anomalies():
-    from AnomalyDiffusionLib.fpdm import Calibration
-    from AnomalyDiffusionLib.pipeline import volume_segmentation
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
 
     fwd, flair = _two_blob_forward()
     cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=3, min_component=64)  # 4 px at 32²
@@ -166,8 +165,7 @@ def test_the_flair_gate_keeps_only_hyperintense_anomalies():
 def test_hysteresis_keeps_a_seeded_region_whole_and_drops_unseeded_ones():
     """3D hysteresis (grow_z): a lesion whose core passes the high level keeps its weaker rim and
     its weaker neighbouring slice; an equally weak region with no core anywhere is dropped."""
-    from AnomalyDiffusionLib.fpdm import Calibration
-    from AnomalyDiffusionLib.pipeline import volume_segmentation
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
 
     fwd, _ = _two_blob_forward()
     h = fwd.h

@@ -137,7 +137,7 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
             assert r["added"] == [4.0] and all(rep["table"][str(w)]["round"] == i for w in r["added"])
     # the calibration also becomes a bundle that detect can open
     from AnomalyDiffusionLib.bundle import open_bundle
-    from AnomalyDiffusionLib.modelio import fpdm_from_bundle
+    from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
 
     assert calibrate_fpdm.main([*common, "--w", "0,1", "--threads", "1", "--bundle", str(tmp_path / "bun")]) == 0
     b = open_bundle(tmp_path / "bun")
@@ -229,11 +229,11 @@ def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch
     which training/calibrate_fpdm.py runs)."""
     from conftest import make_tiny_bundle
 
-    import AnomalyDiffusionLib.calibrate as calibrate
+    import AnomalyDiffusionLib.fpdm.calibrate as calibrate
     from AnomalyDiffusionLib.bundle import open_bundle
     from AnomalyDiffusionLib.datasets import load_or_make
     from AnomalyDiffusionLib.fpdm import FPDMSettings
-    from AnomalyDiffusionLib.modelio import fpdm_from_bundle
+    from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
 
     root = tmp_path / "prepared"
     phantom_dataset(1, seed=50, size=32, healthy_fraction=0.0, options=PhantomOptions(spacing=3.0)).save(root / "val")
@@ -266,8 +266,8 @@ def test_calibrate_extends_the_w_grid_while_accuracy_rises(tmp_path, monkeypatch
 
 
 def test_calibrate_needs_both_healthy_and_unhealthy_slices():
-    from AnomalyDiffusionLib.calibrate import calibrate_fpdm
     from AnomalyDiffusionLib.fpdm import FPDMSettings
+    from AnomalyDiffusionLib.fpdm.calibrate import calibrate_fpdm
 
     x = np.zeros((4, 2, 32, 32), np.float32)
     for labels in (np.zeros(4), np.ones(4)):

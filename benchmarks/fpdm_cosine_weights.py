@@ -29,7 +29,7 @@ import torch
 from AnomalyDiffusionLib.bundle import open_bundle
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.fpdm import _cosine, cosine_weights, forward_process, sequence_cosine
-from AnomalyDiffusionLib.modelio import fpdm_from_bundle
+from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
 
 
 def errors(mse_h: np.ndarray, mse_u: np.ndarray, st, ref: np.ndarray) -> dict[str, list[float]]:

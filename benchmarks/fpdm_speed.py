@@ -36,8 +36,8 @@ from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import for_inference, tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import HEALTHY, NULL, Schedule, predict_x0, q_sample
 from AnomalyDiffusionLib.fpdm import Calibration, ForwardResult, FPDMSettings, forward_process, segment
+from AnomalyDiffusionLib.fpdm.model import load_unet_any
 from AnomalyDiffusionLib.metrics import pixel_level
-from AnomalyDiffusionLib.modelio import load_unet_any
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ more forward pass per round, until the accuracy falls below the best at the top 
 reached; the report's "grid_extension" says which candidates each round added and why. M_t grows as (1 + w)²
 (eq. 13), so M_max is taken from the run at the chosen w*, and inference must use that w (detect
 warns otherwise). The calibration records the settings it was made with ("calibration"."settings").
-The logic is the library's (AnomalyDiffusionLib.calibrate.calibrate_fpdm); this script reads the
+The logic is the library's (AnomalyDiffusionLib.fpdm.calibrate.calibrate_fpdm); this script reads the
 model and the validation slices and writes the report.
 
 Writes calibration_fpdm_<mode>.json (settings for inference, the calibration, the table per w) and
@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AnomalyDiffusionLib.calibrate import calibrate_fpdm
 from AnomalyDiffusionLib.cli_support import TqdmProgress
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_allocator
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import FPDMSettings, channel_indices
-from AnomalyDiffusionLib.modelio import load_unet_any
+from AnomalyDiffusionLib.fpdm.calibrate import calibrate_fpdm
+from AnomalyDiffusionLib.fpdm.model import load_unet_any
 
 
 def add_forward_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibrate(args) -> dict:
-    """The calibration report: :func:`~AnomalyDiffusionLib.calibrate.calibrate_fpdm` on the model and
+    """The calibration report: :func:`~AnomalyDiffusionLib.fpdm.calibrate.calibrate_fpdm` on the model and
     validation slices the command line names, with their provenance."""
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
     logging.basicConfig(format="%(message)s")
-    logging.getLogger("AnomalyDiffusionLib.calibrate").setLevel(logging.INFO)  # grid extension rounds
+    logging.getLogger("AnomalyDiffusionLib.fpdm.calibrate").setLevel(logging.INFO)  # grid extension rounds
     try:
         report = calibrate(args)
     except (AnomalyDiffusionError, ValueError) as exc:

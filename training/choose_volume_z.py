@@ -46,6 +46,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from AnomalyDiffusionLib.bundle import open_bundle
+from AnomalyDiffusionLib.fpdm import volume_segmentation
 from AnomalyDiffusionLib.metrics import volume_level
 from AnomalyDiffusionLib.options import DetectOptions
 from AnomalyDiffusionLib.phantom import (
@@ -56,7 +57,7 @@ from AnomalyDiffusionLib.phantom import (
     oblique_direction,
     resample_case,
 )
-from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model, volume_segmentation
+from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model
 
 #: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None)
 RULES = tuple(

@@ -40,8 +40,8 @@ from AnomalyDiffusionLib.devices import for_inference, resolve_device, tune_cpu_
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.flair_reference import tuned_slice_threshold
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, classify_slices, forward_process, segment
+from AnomalyDiffusionLib.fpdm.model import load_unet_any
 from AnomalyDiffusionLib.metrics import segmentation_table
-from AnomalyDiffusionLib.modelio import load_unet_any
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from AnomalyDiffusionLib.bundle import dode_section, fpdm_section, open_bundle, write_bundle
+from AnomalyDiffusionLib.bundle import open_bundle, write_bundle
 from AnomalyDiffusionLib.diffusion import Schedule
 from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
+from AnomalyDiffusionLib.dode.manifest import section as dode_section
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, calibration_mismatches
-from AnomalyDiffusionLib.modelio import load_unet_any
+from AnomalyDiffusionLib.fpdm.manifest import section as fpdm_section
+from AnomalyDiffusionLib.fpdm.model import load_unet_any
+from AnomalyDiffusionLib.methods import validate_manifest_sections
 
 PHANTOM_STATEMENT = (
     "Synthetic brain phantoms only: MNI ICBM152 2009a anatomy (from nilearn's wheel) with per-subject warps, "
@@ -284,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 entries = list(base.get("changelog", []))
             manifest["version"] = args.version
             manifest["changelog"] = [*entries, {"version": args.version, "changes": list(args.changelog)}]
-        out = write_bundle(args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip)
+        out = write_bundle(
+            args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip, validate=validate_manifest_sections
+        )
         b = open_bundle(out)
         size = b.info()["total_bytes"] / 1e6
         print(f"wrote bundle '{b.name}' ({', '.join(b.methods)}; {size:.1f} MB; sha256 {b.sha256[:16]}…) to {out}")

@@ -35,7 +35,8 @@ from AnomalyDiffusionLib.datasets import open_slices
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
 from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
-from AnomalyDiffusionLib.modelio import load_unet_any, save_unet
+from AnomalyDiffusionLib.fpdm.model import load_unet_any
+from AnomalyDiffusionLib.modelio import save_unet
 from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 log = logging.getLogger("train_fpdm")

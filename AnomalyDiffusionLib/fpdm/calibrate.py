@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AnomalyDiffusionError
-from .fpdm import Calibration, FPDMSettings, extend_guidance_grid, forward_process_multi, m_max_from, select_guidance
-from .progress import ProgressCallback
+from ..errors import AnomalyDiffusionError
+from ..progress import ProgressCallback
+from .decision import Calibration, extend_guidance_grid, m_max_from, select_guidance
+from .forward import FPDMSettings, forward_process_multi
 
 log = logging.getLogger(__name__)
 

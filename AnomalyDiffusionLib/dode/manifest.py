@@ -1,0 +1,100 @@
+"""The ``dode`` section of a bundle manifest: its schema (checked when a bundle is opened for this
+method), and the section written from a trained model (encoder cut, score networks, optional decoder)."""
+
+from __future__ import annotations
+
+from ..bundle import BundleError, FieldSpec, need_file, require_fields
+
+NAME = "dode"
+_SECTION: FieldSpec = {
+    "modality": str,
+    "encoder": dict,
+    "sde": dict,
+    "scales": list,
+    "score_networks": dict,
+    "likelihood": dict,
+    "decision_threshold": (int, float, type(None)),
+}
+_ENCODER: FieldSpec = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
+_SCORE: FieldSpec = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
+
+
+def validate(m: dict) -> None:
+    """Check the ``dode`` section of a manifest whose container is already valid; raises
+    :class:`~AnomalyDiffusionLib.bundle.BundleError` naming the first problem."""
+    mods = m["modalities"]
+    d = require_fields(m.get("dode"), _SECTION, "dode")
+    require_fields(d["encoder"], _ENCODER, "dode.encoder")
+    need_file(m, d["encoder"]["weights"], "dode.encoder.weights")
+    if d["modality"] not in mods:
+        raise BundleError(f"manifest: dode.modality {d['modality']!r} is not among the modalities {mods}")
+    if not d["scales"] or any(not isinstance(s, int) or s < 32 for s in d["scales"]):
+        raise BundleError(f"manifest: dode.scales must be input sizes ≥ 32, not {d['scales']}")
+    for s in d["scales"]:
+        sn = require_fields(d["score_networks"].get(str(s)), _SCORE, f"dode.score_networks['{s}']")
+        need_file(m, sn["weights"], f"dode.score_networks['{s}'].weights")
+        c = sn["network"].get("in_channels")
+        if len(sn["feature_mean"]) != c or len(sn["feature_std"]) != c:
+            raise BundleError(f"manifest: feature standardisation of scale {s} does not have {c} channels")
+    dec = d.get("decoder")
+    if dec is not None:
+        require_fields(dec, {"weights": str, "scale": int, "config": dict}, "dode.decoder")
+        need_file(m, dec["weights"], "dode.decoder.weights")
+
+
+def section(
+    dode_model,
+    decision_threshold: float | None,
+    likelihood: dict,
+    modality: str = "flair",
+    decoder=None,
+    decoder_scale: int | None = None,
+    decoder_settings: dict | None = None,
+    encoder_source: str = "",
+) -> tuple[dict, dict]:
+    """Manifest section and weight files for an AnoDODE model (encoder cut, score nets, optional
+    decoder). Only the encoder's kept stages are stored."""
+    spec = dode_model.spec
+    files: dict[str, dict] = {"dode_encoder.safetensors": dode_model.encoder.state_dict()}
+    # timm-style names so build_encoder(state=...) loads them into the full network
+    sec: dict = {
+        "modality": modality,
+        "encoder": {
+            "weights": "dode_encoder.safetensors",
+            "timm_name": spec.name,
+            "stages": spec.stages,
+            "pretrained": spec.pretrained,
+            "source": encoder_source,
+        },
+        "sde": {
+            "kind": "vp",
+            "beta_min": float(dode_model.nets[0].sde.beta_min),
+            "beta_max": float(dode_model.nets[0].sde.beta_max),
+        },
+        "scales": [int(s) for s in dode_model.scales],
+        "score_networks": {},
+        "likelihood": likelihood,
+        "decision_threshold": None if decision_threshold is None else float(decision_threshold),
+        "decoder": None,
+    }
+    for s, net, std in zip(dode_model.scales, dode_model.nets, dode_model.standardisers, strict=True):
+        name = f"dode_score_{s}.safetensors"
+        files[name] = net.state_dict()
+        sec["score_networks"][str(s)] = {
+            "weights": name,
+            "network": net.config.as_dict(),
+            "feature_mean": [float(v) for v in std.mean],
+            "feature_std": [float(v) for v in std.std],
+        }
+    if decoder is not None:
+        if decoder_scale is None:
+            raise ValueError("a decoder needs its decoder_scale")
+        name = f"dode_decoder_{decoder_scale}.safetensors"
+        files[name] = decoder.state_dict()
+        sec["decoder"] = {
+            "weights": name,
+            "scale": int(decoder_scale),
+            "config": decoder.config,
+            **(decoder_settings or {}),
+        }
+    return sec, files

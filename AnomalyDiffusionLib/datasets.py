@@ -486,12 +486,24 @@ def load_or_make(
     progress: ProgressCallback | None = None,
     start: int | None = None,
     stop: int | None = None,
+    randomise: bool = False,
 ) -> tuple[np.ndarray, SliceDataset]:
-    """:func:`open_slices` (axial range ``start:stop``) for calibration/evaluation: a seeded random
-    subset of at most ``max_slices``, and its images restricted to ``modalities`` as float32
-    [N, C, S, S] in memory."""
+    """:func:`open_slices` (axial range ``start:stop``; ``randomise``: domain-randomised phantoms)
+    for calibration/evaluation: a seeded random subset of at most ``max_slices``, and its images
+    restricted to ``modalities`` as float32 [N, C, S, S] in memory."""
     ds = open_slices(
-        data, split, phantom, modalities, size, phantom_seed, healthy_fraction, spacing, start, stop, progress=progress
+        data,
+        split,
+        phantom,
+        modalities,
+        size,
+        phantom_seed,
+        healthy_fraction,
+        spacing,
+        start,
+        stop,
+        progress=progress,
+        randomise=randomise,
     )
     if max_slices is not None and len(ds) > max_slices:
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))

@@ -256,6 +256,20 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
         "default_methods_reason": "uninformative here",
     }
     assert new["changelog"][-1] == {"version": "2.1.0", "changes": ["volume calibration by default"]}
-    # mixing a source bundle with run folders is refused with one line
-    bad = subprocess.run([*argv[:6], "--fpdm", str(tiny)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--from" in bad.stderr
+    # --fpdm with --from replaces AnoFPDM (section and weights) and keeps AnoDODE's bytes
+    other = make_tiny_bundle(tmp_path / "other", methods=("fpdm",), seed=3)
+    om = open_bundle(other).manifest["fpdm"]
+    cal_file = tmp_path / "calibration_fpdm_ddim.json"
+    cal_file.write_text(json.dumps({"settings": om["settings"], "calibration": om["calibration"]}))
+    swap = tmp_path / "swap"
+    argv2 = [sys.executable, str(script), "--from", str(tiny), "--out", str(swap)]
+    done = subprocess.run([*argv2, "--fpdm", str(other), "--fpdm-calibration", str(cal_file)], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    swapped = open_bundle(swap)
+    sha = {k: v["sha256"] for k, v in swapped.manifest["files"].items()}
+    assert sha["fpdm.safetensors"] == open_bundle(other).manifest["files"]["fpdm.safetensors"]["sha256"]
+    assert sha["fpdm.safetensors"] != old["files"]["fpdm.safetensors"]["sha256"]
+    assert {k: v for k, v in sha.items() if k.startswith("dode_")} == {
+        k: v["sha256"] for k, v in old["files"].items() if k.startswith("dode_")
+    }
+    assert swapped.manifest["dode"] == old["dode"] and sorted(swapped.methods) == ["dode", "fpdm"]

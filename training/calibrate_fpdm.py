@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared slice dataset (its val/ split is used)")
     p.add_argument("--phantom", type=int, metavar="N", help="use N synthetic validation subjects instead")
     p.add_argument("--phantom-seed", type=int, default=5000, help="seed of the first phantom subject (default 5000)")
+    p.add_argument(
+        "--phantom-randomise",
+        action="store_true",
+        help="domain-randomised validation phantoms (PhantomOptions.randomise), for a model trained with "
+        "train_fpdm.py --phantom-randomise",
+    )
     p.add_argument("--max-slices", type=int, default=1000, help="random subset size (default 1000, as the paper)")
     p.add_argument("--w", default="0,0.5,1,2,3,5", help="candidate guidance strengths (default 0,0.5,1,2,3,5)")
     p.add_argument("--tolerance", type=float, default=0.99, help="w* keeps this fraction of the best accuracy")
@@ -140,6 +146,7 @@ def calibrate(args) -> dict:
             max_slices=args.max_slices,
             seed=args.seed,
             progress=progress,
+            randomise=args.phantom_randomise,
         )
         ws = [float(w) for w in args.w.split(",")]
         st = FPDMSettings(
@@ -171,7 +178,11 @@ def calibrate(args) -> dict:
             device=device,
             progress=progress,
         )
-    source = str(args.data) if args.data else f"phantom x{args.phantom} seed {args.phantom_seed}"
+    source = (
+        str(args.data)
+        if args.data
+        else f"{'domain-randomised ' if args.phantom_randomise else ''}phantom x{args.phantom} seed {args.phantom_seed}"
+    )
     return {
         "method": "fpdm",
         "model": str(args.model),

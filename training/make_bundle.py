@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="start from this bundle: its method sections and weights (bytes unchanged), statements and changelog; "
-        "the pipeline options, --version and --changelog given here replace or extend them",
+        "the pipeline options, --version and --changelog given here replace or extend them, and --fpdm / --dode "
+        "replace that method (its section and weights) while the other is kept",
     )
     p.add_argument("--name", default=None, help="bundle name (default phantom-small, or the --from bundle's)")
     p.add_argument("--description", default=None, help="one-line description")
@@ -138,13 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _owner(manifest: dict, name: str) -> str | None:
+    """The method whose section names the weight file ``name`` (None: no method's)."""
+    if (manifest.get("fpdm") or {}).get("weights") == name:
+        return "fpdm"
+    return "dode" if name.startswith("dode_") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not args.fpdm and not args.dode and not args.source:
             raise AnomalyDiffusionError("nothing to bundle: give --fpdm and/or --dode, or --from BUNDLE")
-        if args.source and (args.fpdm or args.dode):
-            raise AnomalyDiffusionError("--from copies the methods of a bundle; it does not combine with --fpdm/--dode")
+        # with --from, --fpdm / --dode replace that method's section and weights; the others are copied
+        replaced = {m for m in ("fpdm", "dode") if getattr(args, m)}
         src = open_bundle(args.source) if args.source else None
         base = src.manifest if src else {}
         manifest: dict = {
@@ -184,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"--from bundle stores {', '.join(sorted(dtypes))} weights; pass --dtype to match (no re-rounding)"
                 )
             for method in base["methods"]:
-                manifest[method] = json.loads(json.dumps(base[method]))
-                manifest["methods"].append(method)
-            weights = {name: src.tensors(name) for name in base["files"]}
+                if method not in replaced:
+                    manifest[method] = json.loads(json.dumps(base[method]))
+                    manifest["methods"].append(method)
+            weights = {name: src.tensors(name) for name in base["files"] if _owner(base, name) not in replaced}
             modalities, slice_size = base["modalities"], base["slice_size"]
         if args.fpdm:
             if not args.fpdm_calibration or not args.fpdm_calibration.is_file():

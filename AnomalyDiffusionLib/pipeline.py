@@ -119,6 +119,7 @@ def detect(
     unknown = [m for m in methods if m not in b.methods]
     if unknown:
         raise InputError(f"bundle '{b.name}' has no {', '.join(unknown)} model (it has {', '.join(b.methods)})")
+    requested = methods  # as the user listed them (summary.json), run in the registry's order
     methods = registry.run_order(methods)
     registry.validate_bundle(b, methods)
     needed = b.modalities
@@ -221,7 +222,7 @@ def detect(
         warnings.append(msg)
         log.warning("%s", msg, extra={SUMMARY_WARNING: True})
     timings["total"] = time.perf_counter() - t_all
-    summary = _summary(b, case, rows, pos, results, shortcuts, warnings, lesion_ml, timings, device, opt)
+    summary = _summary(b, case, rows, pos, requested, results, shortcuts, warnings, lesion_ml, timings, device, opt)
     summary["reliability"] = reliability
     report(progress, "writing", 1.0, "done")
     return DetectResult(
@@ -264,6 +265,7 @@ def _summary(
     case: Case,
     rows: list[dict],
     positions: np.ndarray,
+    requested: tuple[str, ...],
     results: Mapping[str, MethodResult],
     shortcuts: list[str],
     warnings: list[str],
@@ -312,7 +314,7 @@ def _summary(
         "dode_flagged_slices": [min(dode_pos), max(dode_pos)] if dode_pos else None,
         "lesion_volume_ml": None if lesion_ml is None else round(lesion_ml, 3),
         "slices_analysed": len(rows),
-        "methods": list(results),
+        "methods": list(requested),
         "method_details": {name: r.summary for name, r in results.items()},
         "shortcuts": shortcuts,
         "warnings": warnings,

@@ -197,6 +197,13 @@ class Bundle:
             raise BundleError(f"bundle file '{name}' is not a readable safetensors file ({exc})") from None
         return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
 
+    def document(self, name: str) -> bytes | None:
+        """A verified non-weight file (e.g. ``configs/metadata.json``), None when the bundle has none."""
+        entry = self.manifest["files"].get(name)
+        if entry is None or entry.get("kind") != "document":
+            return None
+        return self.files[name]
+
     def info(self) -> dict:
         """A short, JSON-ready description (for ``bundle info`` and outputs)."""
         m = self.manifest
@@ -374,15 +381,20 @@ def write_bundle(
     dtype: str = "float32",
     as_zip: bool = False,
     validate: Callable[[dict], object] = validate_manifest,
+    documents: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a bundle atomically: ``manifest`` (without ``files``) plus ``weights`` (file name →
     state dict). Fills ``format``, ``format_version``, ``created``, ``library_version`` and ``files``
     (sha256, bytes, dtype), validates the result with ``validate`` (the container's schema here;
     :func:`AnomalyDiffusionLib.methods.validate_manifest_sections` checks the method sections too)
-    and moves it into place only when complete."""
+    and moves it into place only when complete. ``documents`` (bundle path → bytes, e.g. the card of
+    :mod:`~AnomalyDiffusionLib.card`) are stored and listed with their sha256 like the weights."""
     if dtype not in ("float32", "float16"):
         raise ValueError("dtype must be 'float32' or 'float16'")
     blobs = {name: _tensor_bytes(t, dtype) for name, t in weights.items()}
+    docs = dict(documents or {})
+    if set(docs) & set(blobs):
+        raise ValueError(f"documents and weights share names: {sorted(set(docs) & set(blobs))}")
     m = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -390,10 +402,17 @@ def write_bundle(
         "library_version": __version__,
         **{k: v for k, v in manifest.items() if k != "files"},
         "files": {
-            name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b), "dtype": dtype}
-            for name, b in blobs.items()
+            **{
+                name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b), "dtype": dtype}
+                for name, b in blobs.items()
+            },
+            **{
+                name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b), "kind": "document"}
+                for name, b in docs.items()
+            },
         },
     }
+    blobs.update(docs)
     validate(json.loads(json.dumps(m)))  # what a reader will see
     text = json.dumps(m, indent=1).encode()
     dest = Path(out)

@@ -315,7 +315,18 @@ def _cmd_bundle(args: argparse.Namespace, progress) -> int:
     if args.action == "verify":
         print(f"OK: bundle '{b.name}' ({len(b.manifest['files'])} files, sha256 {b.sha256}) at {b.source}")
         return 0
-    print(json.dumps(b.info(), indent=1))
+    if args.json:
+        print(json.dumps(b.info(), indent=1))
+        return 0
+    from . import card
+
+    meta = b.document(card.METADATA)
+    if meta is None:  # bundles written before the card existed: the manifest's own statements
+        print(f"bundle '{b.name}' {b.manifest.get('version', '')} has no card ({card.METADATA}); manifest summary:")
+        print(json.dumps(b.info(), indent=1))
+    else:
+        print(card.render(json.loads(meta)))
+        print(f"sha256 {b.sha256}  source {b.source}  (technical details: bundle info --json)")
     return 0
 
 
@@ -489,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument(
         "action",
         choices=("info", "verify"),
-        help="info: print the manifest summary; verify: check schema, version and every file's sha256",
+        help="info: print the bundle's card (what it is for, its data, inputs/outputs, measured figures); "
+        "verify: check schema, version and every file's sha256",
     )
+    bu.add_argument("--json", action="store_true", help="info: the manifest summary as JSON instead of the card")
     bu.add_argument("path", nargs="?", default=None, help="bundle folder or zip (default: the embedded bundle)")
     bu.set_defaults(func=_cmd_bundle)
 

@@ -246,7 +246,8 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     old, new = open_bundle(tiny).manifest, open_bundle(out).manifest
-    assert {k: v["sha256"] for k, v in new["files"].items()} == {k: v["sha256"] for k, v in old["files"].items()}
+    weights = {k: v["sha256"] for k, v in new["files"].items() if "dtype" in v}  # the card is new
+    assert weights == {k: v["sha256"] for k, v in old["files"].items()}
     assert new["fpdm"] == old["fpdm"] and new["dode"] == old["dode"]
     assert new["pipeline"] == {
         "gate": "none",
@@ -269,7 +270,46 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
     sha = {k: v["sha256"] for k, v in swapped.manifest["files"].items()}
     assert sha["fpdm.safetensors"] == open_bundle(other).manifest["files"]["fpdm.safetensors"]["sha256"]
     assert sha["fpdm.safetensors"] != old["files"]["fpdm.safetensors"]["sha256"]
-    assert {k: v for k, v in sha.items() if k.startswith("dode_")} == {
+    assert {k: v for k, v in sha.items() if k.startswith("dode_")} == {  # the same AnoDODE bytes
         k: v["sha256"] for k, v in old["files"].items() if k.startswith("dode_")
     }
     assert swapped.manifest["dode"] == old["dode"] and sorted(swapped.methods) == ["dode", "fpdm"]
+
+
+def test_make_bundle_writes_a_verified_monai_style_card(tmp_path, tiny, capsys):
+    """configs/metadata.json (MONAI's metadata keys) and docs/README.md are written, listed with
+    their sha256 and verified like the weights; ``bundle info`` prints the card."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from AnomalyDiffusionLib import card, cli
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"demo_dice": {"value": 0.5, "data": "demo phantom", "command": "demo"}}))
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    out = tmp_path / "carded"
+    argv = [sys.executable, str(script), "--from", str(tiny), "--out", str(out), "--eval-metrics", str(metrics)]
+    done = subprocess.run([*argv, "--version", "3.0.0", "--changelog", "a card"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    b = open_bundle(out)
+    meta = json.loads(b.document(card.METADATA))
+    monai_keys = {"version", "changelog", "authors", "copyright", "license", "references", "intended_use"}
+    assert monai_keys | {"data_source", "network_data_format", "eval_metrics"} <= set(meta)
+    assert meta["version"] == "3.0.0" and meta["changelog"]["3.0.0"] == "a card"
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["channel_def"] == {"0": "FLAIR", "1": "T2"} and image["value_range"] == [-1, 1]
+    assert image["spatial_shape"] == [32, 32] and len(meta["references"]) == 2
+    assert meta["eval_metrics"]["demo_dice"]["value"] == 0.5
+    assert b.document(card.README).decode() == card.render(meta)
+    assert cli.main(["bundle", "info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "# tiny-test 3.0.0" in shown and "demo_dice: 0.5 (data: demo phantom" in shown
+    assert "tests only; not for clinical use" in shown
+    # the card is verified like the weights
+    (out / card.README).write_text("# a better bundle\n")
+    with pytest.raises(BundleError, match="docs/README.md"):
+        open_bundle(out)
+    # a bundle without a card still reads; info says so and shows the manifest summary
+    assert cli.main(["bundle", "info", str(tiny)]) == 0
+    assert "has no card" in capsys.readouterr().out

@@ -87,7 +87,7 @@ def test_bundle_commands(tmp_path, capsys):
     b = make_tiny_bundle(tmp_path / "b")
     assert cli.main(["bundle", "verify", str(b)]) == 0
     assert capsys.readouterr().out.startswith("OK: bundle 'tiny-test'")
-    assert cli.main(["bundle", "info", str(b)]) == 0
+    assert cli.main(["bundle", "info", str(b), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["methods"] == ["fpdm", "dode"] and info["dode"]["encoder"]["pretrained"] is False
     (b / "dode_score_64.safetensors").write_bytes(b"tampered")

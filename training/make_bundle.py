@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from AnomalyDiffusionLib import card
 from AnomalyDiffusionLib.bundle import open_bundle, write_bundle
 from AnomalyDiffusionLib.diffusion import Schedule
 from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="why a shipped method is off by default (recorded in the manifest and shown by bundle info)",
     )
+    p.add_argument(
+        "--eval-metrics",
+        type=Path,
+        default=None,
+        help="JSON file of measured figures for the card's eval_metrics, each {value, data, command} "
+        "(default: the --from bundle's, unless a method is replaced)",
+    )
+    p.add_argument("--authors", default="AnomalyDiffusion developers", help="the card's authors")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="weight storage")
     p.add_argument("--zip", action="store_true", help="write one zip file instead of a folder")
     return p
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         modalities = None
         slice_size = None
         if src is not None:
-            dtypes = {f["dtype"] for f in base["files"].values()}
+            dtypes = {f["dtype"] for f in base["files"].values() if "dtype" in f}  # weights, not documents
             if dtypes != {args.dtype}:
                 raise AnomalyDiffusionError(
                     f"--from bundle stores {', '.join(sorted(dtypes))} weights; pass --dtype to match (no re-rounding)"
@@ -195,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                 if method not in replaced:
                     manifest[method] = json.loads(json.dumps(base[method]))
                     manifest["methods"].append(method)
-            weights = {name: src.tensors(name) for name in base["files"] if _owner(base, name) not in replaced}
+            weights = {
+                name: src.tensors(name)
+                for name, f in base["files"].items()
+                if "dtype" in f and _owner(base, name) not in replaced
+            }
             modalities, slice_size = base["modalities"], base["slice_size"]
         if args.fpdm:
             if not args.fpdm_calibration or not args.fpdm_calibration.is_file():
@@ -296,8 +309,26 @@ def main(argv: list[str] | None = None) -> int:
                 entries = list(base.get("changelog", []))
             manifest["version"] = args.version
             manifest["changelog"] = [*entries, {"version": args.version, "changes": list(args.changelog)}]
+        metrics = None
+        if args.eval_metrics:
+            metrics = json.loads(args.eval_metrics.read_text())
+        elif src is not None:  # figures measured on the source's weights hold only while they are unchanged
+            old = src.document(card.METADATA)
+            if old is not None and not replaced:
+                metrics = json.loads(old).get("eval_metrics")
+        meta = card.metadata(manifest, metrics, authors=args.authors)
+        documents = {
+            card.METADATA: json.dumps(meta, indent=1).encode(),
+            card.README: card.render(meta).encode(),
+        }
         out = write_bundle(
-            args.out, manifest, weights, dtype=args.dtype, as_zip=args.zip, validate=validate_manifest_sections
+            args.out,
+            manifest,
+            weights,
+            dtype=args.dtype,
+            as_zip=args.zip,
+            validate=validate_manifest_sections,
+            documents=documents,
         )
         b = open_bundle(out)
         size = b.info()["total_bytes"] / 1e6

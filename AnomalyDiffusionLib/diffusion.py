@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .nets import group_norm, zero_init
 
 HEALTHY, UNHEALTHY, NULL = 0, 1, 2
 
@@ -118,21 +119,6 @@ def unet_config(name: str, in_channels: int = 2, image_size: int | None = None) 
 
 
 # ---------------------------------------------------------------------------------------- layers
-_Conv = TypeVar("_Conv", nn.Conv1d, nn.Conv2d)
-
-
-def _zero_init(layer: _Conv) -> _Conv:
-    """``layer`` with weight and bias zeroed: a residual branch or output head that starts at zero."""
-    nn.init.zeros_(layer.weight)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) step indices, ``[N] → [N, dim]``."""
     half = dim // 2
@@ -147,11 +133,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch: int, emb_dim: int, out_ch: int, dropout: float) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
-        self.out_norm = _norm(out_ch)
+        self.out_norm = group_norm(out_ch)
         self.out_layers = nn.Sequential(
-            nn.SiLU(), nn.Dropout(dropout), _zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+            nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         )
         self.skip = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
@@ -168,9 +154,9 @@ class Attention(nn.Module):
     def __init__(self, ch: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.norm = _norm(ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
-        self.proj = _zero_init(nn.Conv1d(ch, ch, 1))
+        self.proj = zero_init(nn.Conv1d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -234,7 +220,7 @@ class UNet(nn.Module):
                     self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     self.up.append(nn.Conv2d(cur, cur, 3, padding=1))
                     res *= 2
-        self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config

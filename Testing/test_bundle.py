@@ -308,7 +308,7 @@ def test_make_bundle_writes_a_verified_monai_style_card(tmp_path, tiny, capsys):
     assert "tests only; not for clinical use" in shown
     # the card is verified like the weights
     (out / card.README).write_text("# a better bundle\n")
-    with pytest.raises(BundleError, match="docs/README.md"):
+    with pytest.raises(BundleError, match=r"docs/README\.md"):
         open_bundle(out)
     # a bundle without a card still reads; info says so and shows the manifest summary
     assert cli.main(["bundle", "info", str(tiny)]) == 0

@@ -15,30 +15,25 @@ Localisation of a slice x:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nets import group_norm
 from .features import Encoder, Standardiser, extract
 from .sampler import pc_denoise
 from .score import ScoreNet
-
-
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, c), c)
 
 
 class _Res(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _norm(cin),
+            group_norm(cin),
             nn.SiLU(),
             nn.Conv2d(cin, cout, 3, padding=1),
-            _norm(cout),
+            group_norm(cout),
             nn.SiLU(),
             nn.Conv2d(cout, cout, 3, padding=1),
         )
@@ -51,7 +46,7 @@ class _Res(nn.Module):
 class _Attn(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm, self.qkv, self.proj = group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -75,7 +70,7 @@ class Decoder(nn.Module):
             ups += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out, 3, padding=1), _Res(out, out)]
             ch = out
         self.up = nn.Sequential(*ups)
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.out(self.up(self.mid(self.inp(z)))))

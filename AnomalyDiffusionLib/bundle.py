@@ -224,22 +224,18 @@ class Bundle:
             "files": {k: v["bytes"] for k, v in m["files"].items()},
             "total_bytes": sum(v["bytes"] for v in m["files"].values()),
         }
-        if "fpdm" in m["methods"]:
-            out["fpdm"] = {
-                "calibration": m["fpdm"]["calibration"],
-                "settings": m["fpdm"]["settings"],
-                "network": m["fpdm"]["network"],
-            }
-        if "dode" in m["methods"]:
-            d = m["dode"]
-            out["dode"] = {
-                "encoder": {k: v for k, v in d["encoder"].items() if k != "weights"},
-                "scales": d["scales"],
-                "decision_threshold": d["decision_threshold"],
-                "likelihood": d["likelihood"],
-                "decoder": None if d.get("decoder") is None else d["decoder"]["scale"],
-            }
+        for name in m["methods"]:  # each method's section, long per-channel lists summarised
+            out[name] = _brief(m[name])
         return out
+
+
+def _brief(value: object, limit: int = 16) -> object:
+    """A manifest section for people: lists longer than ``limit`` become "[N values]"."""
+    if isinstance(value, dict):
+        return {k: _brief(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return f"[{len(value)} values]" if len(value) > limit else [_brief(v, limit) for v in value]
+    return value
 
 
 def _read_folder(path: Path) -> tuple[bytes, dict[str, bytes]]:

@@ -140,7 +140,9 @@ def render(meta: Mapping) -> str:
         for name, d in entries.items():
             chans = ", ".join(f"{k}: {v}" for k, v in d.get("channel_def", {}).items())
             shape = "×".join(str(s) for s in d.get("spatial_shape", [])) or "per slice"
-            lines.append(f"- {kind[:-1]} `{name}`: {shape}, {d['dtype']}, range {d['value_range']}; {chans}")
+            lo, hi = d["value_range"]
+            span = f"[{'−∞' if lo is None else lo}, {'∞' if hi is None else hi}]"
+            lines.append(f"- {kind[:-1]} `{name}`: {shape}, {d['dtype']}, range {span}; {chans}")
     lines += ["", "## Measured performance", ""]
     if meta.get("eval_metrics"):
         lines += [f"- {k}: {_value(v)}" for k, v in meta["eval_metrics"].items()]

@@ -12,13 +12,15 @@ from AnomalyDiffusionLib.metrics import dice
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, smooth_noise
 from AnomalyDiffusionLib.pipeline import DetectOptions, detect
 
-# Issue 15's robustness acceptance is NOT met by bundle 2.1 (same weights as 2.0): with the default
-# (bundle) calibration the original 2 mm phantom's mask reaches DICE 0.32 against its truth (measured
-# 2026-12-03), so the invariances below are measured against a weak mask. The tests run and report;
-# they are expected to fail until a better-trained bundle lands (strict=False: remove the marker then).
+# Issue 15's robustness acceptance is NOT met by bundle 3.0 either: with its default (volume)
+# decision the original 2 mm phantom's mask reaches DICE 0.34 against its truth, and the volume
+# decision flags 1 of the lesion's large slices where the test asks for 3 (measured 2026-12-03; 2.1:
+# DICE 0.32 with its bundle decision). Only the healthy-volume test passes (it failed with 2.1). The
+# tests run and report; they are expected to fail until a better-trained bundle lands
+# (strict=False: remove the marker then).
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xfail(strict=False, reason="issue 15 acceptance not yet met by bundle 2.1 (see module comment)"),
+    pytest.mark.xfail(strict=False, reason="issue 15 acceptance not yet met by bundle 3.0 (see module comment)"),
 ]
 OPTIONS = DetectOptions(methods=("fpdm",))  # default settings; AnoDODE does not touch the masks
 
@@ -87,7 +89,7 @@ def test_the_volume_decision_flags_the_lesion_slices(lesion_case, original):
     truth = original.case.reorientation.to_canonical(lesion_case.mask.astype(np.uint8)) > 0
     brain = original.case.mask
     rows = {r["slice"]: r for r in original.rows}
-    assert original.summary["method_details"]["fpdm"]["calibration_mode"] == "bundle"  # bundle 2.1's default
+    assert original.summary["method_details"]["fpdm"]["calibration_mode"] == "volume"  # bundle 3.0's default
     lesion_share = truth.reshape(len(truth), -1).sum(1) / np.maximum(brain.reshape(len(brain), -1).sum(1), 1)
     big = [k for k in rows if lesion_share[k] >= 0.10]
     assert len(big) >= 3

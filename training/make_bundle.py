@@ -309,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                 entries = list(base.get("changelog", []))
             manifest["version"] = args.version
             manifest["changelog"] = [*entries, {"version": args.version, "changes": list(args.changelog)}]
+        elif src is not None:  # the same version: the statements and weights it describes are the source's
+            if args.changelog:
+                raise AnomalyDiffusionError("--changelog needs --version (the entry it is recorded under)")
+            for key in ("version", "changelog"):
+                if key in base:
+                    manifest[key] = base[key]
         metrics = None
         if args.eval_metrics:
             metrics = json.loads(args.eval_metrics.read_text())

@@ -322,7 +322,8 @@ def _cmd_bundle(args: argparse.Namespace, progress) -> int:
 
     meta = b.document(card.METADATA)
     if meta is None:  # bundles written before the card existed: the manifest's own statements
-        print(f"bundle '{b.name}' {b.manifest.get('version', '')} has no card ({card.METADATA}); manifest summary:")
+        version = f" {b.manifest['version']}" if b.manifest.get("version") else ""
+        print(f"bundle '{b.name}'{version} has no card ({card.METADATA}); manifest summary:")
         print(json.dumps(b.info(), indent=1))
     else:
         print(card.render(json.loads(meta)))

@@ -116,6 +116,11 @@ def detect(
     # with the reason in its manifest), else all it has
     default_methods = b.manifest.get("pipeline", {}).get("default_methods") or b.methods
     methods = tuple(opt.methods) if opt.methods else tuple(default_methods)
+    strange = [m for m in methods if m not in registry.REGISTRY]
+    if strange:
+        raise InputError(
+            f"--methods: unknown method {strange[0]!r} (this library knows {', '.join(registry.REGISTRY)})"
+        )
     unknown = [m for m in methods if m not in b.methods]
     if unknown:
         raise InputError(f"bundle '{b.name}' has no {', '.join(unknown)} model (it has {', '.join(b.methods)})")

@@ -43,7 +43,6 @@ class SliceInputs:
     superior_mm: np.ndarray  #: [K] physical superior position of each slice
     options: DetectOptions
     device: torch.device
-    methods: tuple[str, ...]  #: every method of this run, in run order
     progress: ProgressCallback | None = None
     cancel: CancelToken | None = None
 

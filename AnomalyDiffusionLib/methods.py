@@ -24,7 +24,7 @@ def get(name: str) -> Method:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise InputError(f"unknown method {name!r} (this library knows {', '.join(REGISTRY)})") from None
+        raise InputError(f"unknown method {name!r} for --methods (this library knows {', '.join(REGISTRY)})") from None
 
 
 def run_order(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:

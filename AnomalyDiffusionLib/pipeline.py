@@ -116,16 +116,11 @@ def detect(
     # with the reason in its manifest), else all it has
     default_methods = b.manifest.get("pipeline", {}).get("default_methods") or b.methods
     methods = tuple(opt.methods) if opt.methods else tuple(default_methods)
-    strange = [m for m in methods if m not in registry.REGISTRY]
-    if strange:
-        raise InputError(
-            f"--methods: unknown method {strange[0]!r} (this library knows {', '.join(registry.REGISTRY)})"
-        )
+    run = registry.run_order(methods)  # refuses a name this library does not know
     unknown = [m for m in methods if m not in b.methods]
     if unknown:
         raise InputError(f"bundle '{b.name}' has no {', '.join(unknown)} model (it has {', '.join(b.methods)})")
-    requested = methods  # as the user listed them (summary.json), run in the registry's order
-    methods = registry.run_order(methods)
+    requested, methods = methods, run  # as the user listed them (summary.json); the registry's order
     registry.validate_bundle(b, methods)
     needed = b.modalities
     missing = [m for m in needed if m not in inputs]
@@ -175,7 +170,6 @@ def detect(
         superior_mm=pos[:, 2],
         options=opt,
         device=device,
-        methods=methods,
         progress=progress,
         cancel=cancel,
     )

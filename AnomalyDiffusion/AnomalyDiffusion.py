@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -132,6 +133,11 @@ def downloadPhantomSample(source=None):
     try:
         with slicer.util.tryWithErrorDisplay(_("The phantom sample could not be made."), waitCursor=True):
             logic = AnomalyDiffusionLogic()
+            # installing the packages on first use takes minutes: each step on the main window's status bar
+            logic.logCallback = lambda text: (
+                slicer.util.showStatusMessage(text),
+                slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents),
+            )
             logic.ensureDependencies()
             dialog = slicer.util.createProgressDialog(
                 labelText=_("Making a synthetic phantom case…"), windowTitle=_("Anomaly Diffusion"), maximum=0
@@ -163,7 +169,9 @@ class AnomalyDiffusionParameterNode:
     bundleSource: Annotated[str, Choice(["Embedded default", "Local file or folder", "Download URL"])] = (
         "Embedded default"
     )
-    bundlePath: Path = Path()
+    # a str, not a Path: the Path connector writes an empty Path as "." into the field (v5.10.0 and
+    # v5.12.3 guiConnectors.ctkPathLineEditToPathConnector); QLineEditToStrConnector shows "" as empty
+    bundlePath: str = ""
     bundleUrl: str = ""
     bundleChecksum: str = ""  # "SHA256:<hex>"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
@@ -258,6 +266,7 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.ui = ui
         self.logic = logic
+        logic.logCallback = self.showStep
         self._parameterNode = None
         self._guiTag = None
         self._run = None  # (process, run info) while a detection runs
@@ -273,12 +282,19 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
         ui.cancelButton.connect("clicked(bool)", self.cancel)
         ui.bundleSourceComboBox.connect("currentIndexChanged(int)", self._updateBundleWidgets)
         ui.bundleFolderButton.connect("clicked(bool)", self.onChooseBundleFolder)
+        ui.bundleFileButton.connect("clicked(bool)", self.onChooseBundleFile)
         # only heatmaps this module made (or new ones) are offered: an input volume cannot be overwritten
         ui.heatmapSelector.addAttribute("vtkMRMLScalarVolumeNode", OUTPUT_ROLE_ATTRIBUTE, "heatmap")
         ui.progressBar.setVisible(False)
         ui.cancelButton.setEnabled(False)
         ui.statusLabel.setText(_("Select FLAIR and T2 volumes, then click Detect anomalies."))
         self.probeDevice()
+
+    def showStep(self, text: str) -> None:
+        """A step of blocking work (installing, downloading) on the status line, drawn at once; user
+        input waits, so nothing can start a second run meanwhile (as SampleData's own log does)."""
+        self.ui.statusLabel.setText(text)
+        slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
     # ---- device
     def probeDevice(self) -> None:
@@ -337,7 +353,7 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
 
     def _bundleKey(self):
         p = self._parameterNode
-        return (p.bundleSource, str(p.bundlePath), p.bundleUrl, p.bundleChecksum) if p else None
+        return (p.bundleSource, p.bundlePath, p.bundleUrl, p.bundleChecksum) if p else None
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._checkCanApply()
@@ -354,7 +370,12 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
     def onChooseBundleFolder(self, *args) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model bundle folder"))
         if folder and self._parameterNode:
-            self._parameterNode.bundlePath = Path(folder)
+            self._parameterNode.bundlePath = str(folder)
+
+    def onChooseBundleFile(self, *args) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, _("Model bundle file"), "", _("Bundle (*.zip)"))
+        if path and self._parameterNode:
+            self._parameterNode.bundlePath = str(path)
 
     def showBundleSettings(self) -> None:
         """Put the selected bundle's calibrated values in the advanced box and remember them: a run
@@ -378,6 +399,7 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
         source = self.ui.bundleSourceComboBox.currentText
         self.ui.bundlePathLineEdit.setVisible(source == "Local file or folder")
         self.ui.bundleFolderButton.setVisible(source == "Local file or folder")
+        self.ui.bundleFileButton.setVisible(source == "Local file or folder")
         self.ui.bundleUrlLineEdit.setVisible(source == "Download URL")
         self.ui.bundleChecksumLineEdit.setVisible(source == "Download URL")
 
@@ -471,6 +493,21 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.keepTemporaryFiles = False
+        #: ``logCallback(text)`` receives the steps of long blocking work (installing packages,
+        #: downloading a bundle) as they happen; the panel shows them on its status line
+        self.logCallback = None
+
+    def log(self, text: str) -> None:
+        """A step of long work: to Slicer's log and, if set, to ``logCallback`` (the status line)."""
+        logging.info("AnomalyDiffusion: %s", text)
+        if self.logCallback:
+            self.logCallback(text)
+
+    def _downloadMessage(self, message: str, logLevel: int = logging.DEBUG) -> None:
+        """``SampleDataLogic``'s ``logMessage``: its progress lines, without their HTML markup."""
+        text = re.sub(r"<[^>]+>", "", str(message)).strip()
+        if text:
+            self.log(text)
 
     def getParameterNode(self):
         return AnomalyDiffusionParameterNode(super().getParameterNode())
@@ -522,6 +559,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             ) from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
+            self.log(_("Installing PyTorch (this may take several minutes)…"))
             if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.4") is None:
                 raise RuntimeError(_("PyTorch is needed to detect anomalies; installation was declined"))
         requirementsPath = MODULE_DIR / "Resources" / "requirements.txt"
@@ -542,7 +580,13 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             windowTitle=_("Install Python packages"),
         ):
             raise RuntimeError(_("The required Python packages were not installed"))
-        logging.info("AnomalyDiffusion: installing %s", " ".join(missing))
+        # Slicer 5.10's pip_install prints pip's output to the Python console and keeps the GUI
+        # refreshing (slicer.util.logProcessOutput); the status line says what is happening
+        self.log(
+            _("Installing {names} (this may take several minutes; pip's output is in the Python console)…").format(
+                names=", ".join(missing)
+            )
+        )
         with slicer.util.WaitCursor():
             slicer.util.pip_install(missing)
         still = _bridge().missing_requirements(requirementsPath.read_text().splitlines(), skip=SKIP_PACKAGES)
@@ -583,8 +627,8 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         """The selected bundle's calibrated settings (``slicer_bridge.bundle_settings``), or None when
         the bundle is not on this computer yet."""
         if p.bundleSource == "Local file or folder":
-            path = Path(str(p.bundlePath))
-            path = path if str(p.bundlePath) not in ("", ".") and path.exists() else None
+            text = p.bundlePath.strip()
+            path = Path(text) if text and Path(text).exists() else None
         elif p.bundleSource == "Download URL":
             path = None
             if p.bundleChecksum.upper().startswith("SHA256:"):
@@ -601,8 +645,10 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
         """None (embedded default bundle), a local path, or a downloaded and SHA256-checked file in
         Slicer's cache (reused offline once present)."""
         if p.bundleSource == "Local file or folder":
-            path = str(p.bundlePath)
-            if not path or path == "." or not os.path.exists(path):
+            path = p.bundlePath.strip()
+            if not path:
+                raise ValueError(_("Choose the model bundle: a folder or a .zip file"))
+            if not os.path.exists(path):
                 raise ValueError(_("Model bundle not found: '{path}'").format(path=path))
             return path
         if p.bundleSource == "Download URL":
@@ -615,8 +661,10 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             digest = p.bundleChecksum.split(":", 1)[1].strip().lower()
             import SampleData
 
-            # reuses a cached file whose checksum matches (works offline once downloaded)
-            path = SampleData.SampleDataLogic().downloadFile(
+            # reuses a cached file whose checksum matches (works offline once downloaded); its
+            # progress lines ("Downloaded 12 MB (40% of 30 MB)...") reach the status line
+            self.log(_("Downloading the model bundle from {url}…").format(url=p.bundleUrl))
+            path = SampleData.SampleDataLogic(logMessage=self._downloadMessage).downloadFile(
                 p.bundleUrl, str(target.parent), target.name, checksum=f"SHA256:{digest}"
             )
             if not os.path.isfile(path) or slicer.util.computeChecksum("SHA256", path) != digest:
@@ -895,7 +943,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             ),
             calibration=next(k for k, v in CALIBRATIONS.items() if v == calibration),
             bundleSource="Local file or folder" if bundle else "Embedded default",
-            bundlePath=Path(bundle) if bundle else Path(),
+            bundlePath=str(bundle) if bundle else "",
         )
         process, run = self.startDetection(p, ensureDependencies=ensureDependencies)
         try:
@@ -919,7 +967,7 @@ class AnomalyDiffusionLogic(ScriptedLoadableModuleLogic):
             t1Volume=None,
             t1ceVolume=None,
             bundleSource="Embedded default",
-            bundlePath=Path(),
+            bundlePath="",
             bundleUrl="",
             bundleChecksum="",
             device="auto",

@@ -301,6 +301,8 @@ def test_ui_binds_exactly_the_parameter_node(tree, ui):
             assert widget.get("class") == "QComboBox" and items == choices, name
         if ann == "Path":
             assert widget.get("class") in ("ctkPathLineEdit", "ctkDirectoryButton"), name  # Path connectors
+        if ann == "str":
+            assert widget.get("class") == "QLineEdit", name  # QLineEditToStrConnector
         if "vtkMRML" in ann:
             types = [s.text for s in widget.find("property[@name='nodeTypes']/stringlist")]
             assert widget.get("class") == "qMRMLNodeComboBox" and ann.split("vtkMRML")[0] == "" and types == [ann]

@@ -12,6 +12,7 @@ two runs kept apart, the plot's X column, outputs saved with the scene, and the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -274,7 +275,7 @@ def module(monkeypatch, tmp_path):
     )  # fmt: skip
     slicer = types.ModuleType("slicer")
     slicer.util = util
-    slicer.app = types.SimpleNamespace(connect=lambda *a: None, processEvents=lambda: None, cachePath=str(tmp_path))
+    slicer.app = types.SimpleNamespace(connect=lambda *a: None, processEvents=lambda *a: None, cachePath=str(tmp_path))
     slicer.mrmlScene = scene
     slicer.modules = mock.MagicMock()
     slicer.vtkMRMLSubjectHierarchyNode = mock.MagicMock()
@@ -309,7 +310,10 @@ def module(monkeypatch, tmp_path):
     util_mod.VTKObservationMixin = util.VTKObservationMixin
     qt = types.ModuleType("qt")
     qt.QTimer = _Timer
-    qt.QFileDialog = types.SimpleNamespace(getExistingDirectory=lambda *a: "/data/bundles/mine")
+    qt.QEventLoop = types.SimpleNamespace(ExcludeUserInputEvents=1)
+    qt.QFileDialog = types.SimpleNamespace(
+        getExistingDirectory=lambda *a: "/data/bundles/mine", getOpenFileName=lambda *a: "/data/bundles/b.zip"
+    )
     vtk = types.ModuleType("vtk")
     vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="ModifiedEvent")
     vtk.vtkIntArray = vtk.vtkDoubleArray = vtk.vtkStringArray = FakeArray
@@ -373,7 +377,7 @@ class FakeProbe(FakeProcess):
 
 
 def _params(**kw):
-    values = dict(flairVolume="F", t2Volume="T", bundleSource="Embedded default", bundlePath=Path(), bundleUrl="",
+    values = dict(flairVolume="F", t2Volume="T", bundleSource="Embedded default", bundlePath="", bundleUrl="",
                   bundleChecksum="", guidance=5.0,
                   earlyStop=False, stride=30, decisionThreshold=0.0, shownSettings="",
                   connectGui=lambda ui: 1, disconnectGui=lambda tag: None)  # fmt: skip
@@ -419,7 +423,7 @@ class FakeLogic:
 def _ui():
     names = ("applyButton", "cancelButton", "bundleSourceComboBox", "progressBar", "deviceLabel", "statusLabel",
              "bundlePathLineEdit", "bundleUrlLineEdit", "bundleChecksumLineEdit", "bundleFolderButton",
-             "heatmapSelector")  # fmt: skip
+             "bundleFileButton", "heatmapSelector")  # fmt: skip
     ui = types.SimpleNamespace(**{n: _Widget() for n in names})
     ui.bundleSourceComboBox.currentText = "Embedded default"
     return ui
@@ -553,7 +557,7 @@ def test_advanced_box_shows_the_bundles_values(module):
     logic.settings = dict(BUNDLE, stride=20)
     panel._onParameterNodeModified()
     assert p.stride == 12
-    p.bundleSource, p.bundlePath = "Local file or folder", Path("/b2")
+    p.bundleSource, p.bundlePath = "Local file or folder", "/b2"
     panel._onParameterNodeModified()
     assert p.stride == 20 and json.loads(p.shownSettings)["stride"] == 20
 
@@ -581,6 +585,21 @@ def test_without_shown_values_the_run_compares_with_the_bundle_itself(module, tm
     assert logic.overrides(p, str(bundle)) == {"w": 5.0}
 
 
+def test_local_bundle_path_is_checked_with_a_message(module, tmp_path):
+    """An empty field (a fresh parameter node) asks for a bundle instead of trying "."; a missing
+    path is named; an existing folder is used as typed."""
+    logic = module.AnomalyDiffusionLogic()
+    p = _params(bundleSource="Local file or folder")
+    assert logic.bundleSettings(p) is None
+    with pytest.raises(ValueError, match="Choose the model bundle"):
+        logic.bundleLocation(p)
+    p.bundlePath = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"not found: '.*nowhere'"):
+        logic.bundleLocation(p)
+    p.bundlePath = f"  {tmp_path}  "
+    assert logic.bundleLocation(p) == str(tmp_path)
+
+
 def test_embedded_bundle_settings_are_its_manifests(module):
     logic = module.AnomalyDiffusionLogic()
     path = logic.embeddedBundlePath()
@@ -597,9 +616,14 @@ def test_folder_button_sets_the_bundle_path(module):
     panel.initializeParameterNode()
     ui.bundleSourceComboBox.currentText = "Local file or folder"
     panel._updateBundleWidgets()
-    assert ui.bundleFolderButton.visible and ui.bundlePathLineEdit.visible
+    assert ui.bundleFolderButton.visible and ui.bundleFileButton.visible and ui.bundlePathLineEdit.visible
     panel.onChooseBundleFolder()
-    assert logic.params.bundlePath == Path("/data/bundles/mine")
+    assert logic.params.bundlePath == "/data/bundles/mine"
+    panel.onChooseBundleFile()
+    assert logic.params.bundlePath == "/data/bundles/b.zip"
+    ui.bundleSourceComboBox.currentText = "Embedded default"
+    panel._updateBundleWidgets()
+    assert not ui.bundleFileButton.visible and not ui.bundleFolderButton.visible
 
 
 def test_heatmap_selector_offers_only_module_heatmaps(module):
@@ -638,8 +662,14 @@ def test_slicer_5_10_installs_missing_requirements_with_pip_install(module, monk
         return answers.pop(0)
 
     monkeypatch.setattr(slicer_bridge, "missing_requirements", missing)
-    module.AnomalyDiffusionLogic().ensureDependencies()
+    logic = module.AnomalyDiffusionLogic()
+    steps = []
+    logic.logCallback = steps.append
+    sys.modules["slicer"].util.pip_install.side_effect = lambda names: steps.append(("pip", names))
+    logic.ensureDependencies()
     sys.modules["slicer"].util.pip_install.assert_called_once_with(["nilearn==0.14.1", "timm>=1.0,<2"])
+    # the status line names what is being installed before pip blocks
+    assert steps[0].startswith("Installing nilearn==0.14.1, timm>=1.0,<2") and steps[1][0] == "pip"
     assert "timm>=1.0,<2" in seen[0][0] and "torch" in seen[0][1] and len(seen) == 2
 
 
@@ -674,9 +704,51 @@ def test_slicer_5_12_uses_pip_ensure(module, monkeypatch, torch_installed):
 def test_pytorch_is_installed_through_the_pytorch_extension(module, monkeypatch, torch_installed):
     torch_installed.torchInstalled.return_value = False
     torch_installed.installTorch.return_value = None  # declined
+    logic = module.AnomalyDiffusionLogic()
+    steps = []
+    logic.logCallback = steps.append
     with pytest.raises(RuntimeError, match="PyTorch"):
-        module.AnomalyDiffusionLogic().ensureDependencies()
+        logic.ensureDependencies()
     assert torch_installed.installTorch.call_args.kwargs["askConfirmation"] is True
+    assert steps == ["Installing PyTorch (this may take several minutes)…"]
+
+
+def test_bundle_download_reports_progress_to_the_status_line(module, monkeypatch, tmp_path):
+    """A bundle download goes through SampleData (checksum, cache) with its progress lines routed to
+    the panel's status line, without their HTML markup."""
+    payload = b"bundle bytes"
+    digest = hashlib.sha256(payload).hexdigest()
+
+    class SampleDataLogic:
+        def __init__(self, logMessage=None):
+            self.logMessage = logMessage
+
+        def downloadFile(self, uri, folder, name, checksum=None):
+            self.logMessage("<i>Downloaded 6 B (50% of 12 B)...</i>")
+            (Path(folder) / name).write_bytes(payload)
+            self.logMessage("Download finished")
+            return str(Path(folder) / name)
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    sys.modules["slicer"].util.computeChecksum = lambda algo, path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    logic = module.AnomalyDiffusionLogic()
+    ui, panel = _panel(module, FakeLogic(FakeProcess([])))
+    logic.logCallback = panel.showStep
+    shown = []
+    monkeypatch.setattr(ui.statusLabel, "setText", lambda text: shown.append(text))
+    p = _params(bundleSource="Download URL", bundleUrl="https://x/b.zip", bundleChecksum=f"SHA256:{digest}")
+    path = logic.bundleLocation(p)
+    assert Path(path).read_bytes() == payload
+    assert shown == ["Downloading the model bundle from https://x/b.zip…", "Downloaded 6 B (50% of 12 B)...",
+                     "Download finished"]  # fmt: skip
+
+
+def test_panel_takes_the_logics_step_messages(module):
+    logic = FakeLogic(FakeProcess([]))
+    ui, panel = _panel(module, logic)
+    assert logic.logCallback == panel.showStep
+    panel.showStep("Installing PyTorch")
+    assert ui.statusLabel.text == "Installing PyTorch"
 
 
 # -------------------------------------------------------------------------------- sample data
@@ -707,7 +779,14 @@ def test_sample_data_registers_on_both_versions(module, monkeypatch, with_catego
 
 def test_sample_download_ensures_dependencies_and_shows_failures(module, monkeypatch):
     calls = []
-    monkeypatch.setattr(module.AnomalyDiffusionLogic, "ensureDependencies", lambda self: calls.append("deps"))
+    status = []
+    sys.modules["slicer"].util.showStatusMessage = lambda text, duration=0: status.append(text)
+
+    def deps(self):
+        calls.append("deps")
+        self.log("Installing PyTorch")  # its steps reach the main window's status bar
+
+    monkeypatch.setattr(module.AnomalyDiffusionLogic, "ensureDependencies", deps)
 
     def phantom(self, tick=None):
         calls.append("phantom")
@@ -716,7 +795,7 @@ def test_sample_download_ensures_dependencies_and_shows_failures(module, monkeyp
 
     monkeypatch.setattr(module.AnomalyDiffusionLogic, "loadPhantomCase", phantom)
     assert module.downloadPhantomSample(None) == []
-    assert calls == ["deps", "phantom"]
+    assert calls == ["deps", "phantom"] and status == ["Installing PyTorch"]
     assert module._test_errors == ["The phantom sample could not be made.\nphantom: nilearn missing"]
 
 

@@ -29,9 +29,12 @@ the method sections and call it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -39,10 +42,11 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import jsonschema
 import torch
 
 from . import __version__
@@ -64,81 +68,101 @@ class BundleError(AnomalyDiffusionError):
 
 
 # ------------------------------------------------------------------------------------ schema
-#: required keys → accepted types (a tuple means any of them); nested sections checked separately
-FieldSpec = dict[str, type | tuple[type, ...]]
-_TOP: FieldSpec = {
-    "format": str,
-    "format_version": str,
-    "name": str,
-    "description": str,
-    "training_data": str,
-    "intended_use": str,
-    "methods": list,
-    "modalities": list,
-    "slice_size": int,
-    "files": dict,
-}
-_FILE: FieldSpec = {"sha256": str, "bytes": int}
+#: JSON Schema (draft 2020-12) of the manifest's container; each method's section has its own
+#: beside that method's ``manifest.py``
+BUNDLE_SCHEMA = ("AnomalyDiffusionLib", "schemas/bundle.schema.json")
 
 
-def require_fields(d: object, spec: FieldSpec, where: str) -> dict:
-    """``d`` itself once it is an object with every key of ``spec`` of an accepted type."""
-    if not isinstance(d, dict):
-        raise BundleError(f"manifest: {where} must be an object")
-    for key, typ in spec.items():
-        if key not in d:
-            raise BundleError(f"manifest: {where} lacks '{key}'")
-        val = d[key]
-        types = typ if isinstance(typ, tuple) else (typ,)
-        if isinstance(val, bool) and bool not in types:  # JSON true is not a number here
-            raise BundleError(f"manifest: {where}.{key} has the wrong type (bool)")
-        if not isinstance(val, types):
-            raise BundleError(f"manifest: {where}.{key} has the wrong type ({type(val).__name__})")
-    return d
+@functools.cache
+def load_schema(package: str, name: str) -> dict:
+    """A JSON Schema shipped as package data (read once; works from a wheel)."""
+    return json.loads(importlib.resources.files(package).joinpath(name).read_text(encoding="utf-8"))
+
+
+def _where(base: str, path: Iterable) -> str:
+    """``fpdm.calibration.m_max[0]``, ``dode.score_networks['128']``: where a problem is."""
+    out = base
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.isidentifier():
+            out += f"['{part}']"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _non_finite(x: object, path: tuple) -> tuple[tuple, float] | None:
+    """The path and value of the first NaN or infinity in a JSON document (Python's json reads them)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return path, x
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        found = _non_finite(v, (*path, k))
+        if found is not None:
+            return found
+    return None
+
+
+def check_schema(instance: object, schema: dict, where: str) -> dict:
+    """``instance`` itself once it is valid against a JSON Schema whose top level is an object;
+    raises :class:`BundleError` naming the first problem as a manifest path
+    (``manifest: fpdm.calibration.cos_threshold: 2 is greater than the maximum of 1``)."""
+    bad = _non_finite(instance, ())
+    if bad is not None:  # JSON Schema's ranges let NaN through (every comparison with it is false)
+        raise BundleError(f"manifest: {_where(where, bad[0])}: {bad[1]} is not a finite number")
+    validator = jsonschema.Draft202012Validator(schema)
+    err = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    if err is None:
+        if not isinstance(instance, dict):
+            raise BundleError(f"manifest: {where or 'top level'} must be an object")
+        return instance
+    at = _where(where, err.absolute_path) or "top level"
+    if err.validator == "required":
+        have = err.instance if isinstance(err.instance, dict) else {}
+        missing = next((k for k in err.validator_value if k not in have), "?")
+        raise BundleError(f"manifest: {at} lacks '{missing}'")
+    if err.validator == "type":
+        got = "null" if err.instance is None else type(err.instance).__name__
+        if err.validator_value == "object":
+            raise BundleError(f"manifest: {at} must be an object")
+        raise BundleError(f"manifest: {at} has the wrong type ({got}; expected {err.validator_value})")
+    raise BundleError(f"manifest: {at}: {err.message}")
 
 
 def validate_manifest(m: object) -> dict:
-    """Check a manifest's schema and version; returns it. Raises :class:`BundleError` naming the
-    first problem."""
-    m = require_fields(m, _TOP, "top level")
-    if m["format"] != FORMAT:
+    """Check a manifest's container (``schemas/bundle.schema.json``) and format version; returns it.
+    Each method checks its own section (:func:`AnomalyDiffusionLib.methods.validate_manifest_sections`).
+    Raises :class:`BundleError` naming the first problem."""
+    if not isinstance(m, dict):
+        raise BundleError("manifest: top level must be an object")
+    if "format" in m and m["format"] != FORMAT:
         raise BundleError(f"not an AnomalyDiffusion bundle (format {m['format']!r}, expected {FORMAT!r})")
-    try:
-        major, minor = (int(p) for p in m["format_version"].split("."))
-    except ValueError:
-        raise BundleError(f"manifest: unreadable format_version {m['format_version']!r}") from None
-    my_major, my_minor = (int(p) for p in FORMAT_VERSION.split("."))
-    if major != my_major:
-        raise BundleError(
-            f"bundle format version {m['format_version']} is not supported (this library reads {my_major}.x); "
-            "use a matching AnomalyDiffusion version"
-        )
-    if minor > my_minor:
-        log.warning(
-            "bundle format %s is newer than this library's %s; unknown fields are ignored",
-            m["format_version"],
-            FORMAT_VERSION,
-        )
-    methods = m["methods"]
-    if (
-        not methods
-        or any(not isinstance(x, str) or not METHOD_NAME.match(x) for x in methods)
-        or len(set(methods)) != len(methods)
-    ):
-        raise BundleError(f"manifest: methods must be distinct, non-empty method names, not {methods}")
-    for name in methods:
+    version = m.get("format_version")
+    if isinstance(version, str):
+        try:
+            major, minor = (int(p) for p in version.split("."))
+        except ValueError:
+            raise BundleError(f"manifest: unreadable format_version {version!r}") from None
+        my_major, my_minor = (int(p) for p in FORMAT_VERSION.split("."))
+        if major != my_major:
+            raise BundleError(
+                f"bundle format version {version} is not supported (this library reads {my_major}.x); "
+                "use a matching AnomalyDiffusion version"
+            )
+        if minor > my_minor:
+            log.warning(
+                "bundle format %s is newer than this library's %s; unknown fields are ignored", version, FORMAT_VERSION
+            )
+    check_schema(m, load_schema(*BUNDLE_SCHEMA), "")
+    for name in m["methods"]:
         if not isinstance(m.get(name), dict):
             raise BundleError(f"manifest: method '{name}' has no '{name}' section")
-    mods = m["modalities"]
-    if not mods or any(x not in MODALITIES for x in mods) or len(set(mods)) != len(mods):
-        raise BundleError(f"manifest: modalities must be distinct names from {list(MODALITIES)}, not {mods}")
-    if m["slice_size"] < 8:
-        raise BundleError(f"manifest: slice_size {m['slice_size']} is too small")
-    for name, entry in m["files"].items():
+    pipe = m.get("pipeline") or {}
+    if "volume_grow_z" in pipe and pipe["volume_grow_z"] > pipe.get("volume_z", float("inf")):
+        raise BundleError("manifest: pipeline.volume_grow_z must not exceed pipeline.volume_z")
+    for name in m["files"]:
         _safe_member(name)
-        require_fields(entry, _FILE, f"files['{name}']")
-        if len(entry["sha256"]) != 64:
-            raise BundleError(f"manifest: files['{name}'].sha256 is not a sha256 hex digest")
     return m
 
 

@@ -64,4 +64,6 @@ def test_wheel_ships_every_file_of_the_default_bundle(tmp_path):
             data = zf.read(prefix + name)
             assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
         assert "AnomalyDiffusionLib/dode/model.py" in names  # subpackages too
+        schemas = {str(f.relative_to(ROOT)) for f in (ROOT / "AnomalyDiffusionLib").rglob("*.schema.json")}
+        assert len(schemas) == 3 and schemas <= names  # the manifest schemas the reader loads
         assert not any(n.startswith(("Testing/", "training/", "Resources/")) for n in names)

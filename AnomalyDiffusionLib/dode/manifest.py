@@ -3,42 +3,33 @@ method), and the section written from a trained model (encoder cut, score networ
 
 from __future__ import annotations
 
-from ..bundle import BundleError, FieldSpec, need_file, require_fields
+from ..bundle import BundleError, check_schema, load_schema, need_file
 
 NAME = "dode"
-_SECTION: FieldSpec = {
-    "modality": str,
-    "encoder": dict,
-    "sde": dict,
-    "scales": list,
-    "score_networks": dict,
-    "likelihood": dict,
-    "decision_threshold": (int, float, type(None)),
-}
-_ENCODER: FieldSpec = {"weights": str, "timm_name": str, "stages": int, "pretrained": bool}
-_SCORE: FieldSpec = {"weights": str, "network": dict, "feature_mean": list, "feature_std": list}
+#: JSON Schema (draft 2020-12) of the section: types, required keys and ranges
+SCHEMA = (__package__, "manifest.schema.json")
 
 
 def validate(m: dict) -> None:
-    """Check the ``dode`` section of a manifest whose container is already valid; raises
+    """Check the ``dode`` section of a manifest whose container is already valid: its JSON Schema
+    (``dode/manifest.schema.json``), then what a schema cannot say (the modality among the bundle's,
+    a score network per scale with matching standardisation, weights listed under files). Raises
     :class:`~AnomalyDiffusionLib.bundle.BundleError` naming the first problem."""
     mods = m["modalities"]
-    d = require_fields(m.get("dode"), _SECTION, "dode")
-    require_fields(d["encoder"], _ENCODER, "dode.encoder")
+    d = check_schema(m.get("dode"), load_schema(*SCHEMA), "dode")
     need_file(m, d["encoder"]["weights"], "dode.encoder.weights")
     if d["modality"] not in mods:
         raise BundleError(f"manifest: dode.modality {d['modality']!r} is not among the modalities {mods}")
-    if not d["scales"] or any(not isinstance(s, int) or s < 32 for s in d["scales"]):
-        raise BundleError(f"manifest: dode.scales must be input sizes ≥ 32, not {d['scales']}")
     for s in d["scales"]:
-        sn = require_fields(d["score_networks"].get(str(s)), _SCORE, f"dode.score_networks['{s}']")
+        sn = d["score_networks"].get(str(s))
+        if sn is None:
+            raise BundleError(f"manifest: dode.score_networks lacks '{s}' (a score network per scale)")
         need_file(m, sn["weights"], f"dode.score_networks['{s}'].weights")
-        c = sn["network"].get("in_channels")
+        c = sn["network"]["in_channels"]
         if len(sn["feature_mean"]) != c or len(sn["feature_std"]) != c:
             raise BundleError(f"manifest: feature standardisation of scale {s} does not have {c} channels")
     dec = d.get("decoder")
     if dec is not None:
-        require_fields(dec, {"weights": str, "scale": int, "config": dict}, "dode.decoder")
         need_file(m, dec["weights"], "dode.decoder.weights")
 
 

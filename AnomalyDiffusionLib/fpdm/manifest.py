@@ -3,41 +3,30 @@ method), and the section written from a trained model, its settings and calibrat
 
 from __future__ import annotations
 
-from ..bundle import BundleError, FieldSpec, need_file, require_fields
+from ..bundle import BundleError, check_schema, load_schema, need_file
 
 NAME = "fpdm"
-_SECTION: FieldSpec = {
-    "weights": str,
-    "network": dict,
-    "schedule": dict,
-    "settings": dict,
-    "calibration": dict,
-}
-_CALIBRATION: FieldSpec = {
-    "w": (int, float),
-    "cos_threshold": (int, float),
-    "m_max": list,
-    "a": (int, float),
-    "b": (int, float),
-    "median_size": int,
-    "min_component": int,
-}
+#: JSON Schema (draft 2020-12) of the section: types, required keys and ranges
+SCHEMA = (__package__, "manifest.schema.json")
 
 
 def validate(m: dict) -> None:
-    """Check the ``fpdm`` section of a manifest whose container is already valid; raises
-    :class:`~AnomalyDiffusionLib.bundle.BundleError` naming the first problem."""
+    """Check the ``fpdm`` section of a manifest whose container is already valid: its JSON Schema
+    (``fpdm/manifest.schema.json``), then what a schema cannot say (sizes that must agree with the
+    container, weights listed under files). Raises :class:`~AnomalyDiffusionLib.bundle.BundleError`
+    naming the first problem."""
     mods = m["modalities"]
-    f = require_fields(m.get("fpdm"), _SECTION, "fpdm")
-    require_fields(f["calibration"], _CALIBRATION, "fpdm.calibration")
+    f = check_schema(m.get("fpdm"), load_schema(*SCHEMA), "fpdm")
     need_file(m, f["weights"], "fpdm.weights")
     mc = f["settings"].get("map_channels")
     n_map = len(mods) if mc is None else len(mc)
+    if mc is not None and max(mc) >= len(mods):
+        raise BundleError(f"manifest: fpdm.settings.map_channels {mc} name channels beyond the modalities {mods}")
     if len(f["calibration"]["m_max"]) != n_map:
         raise BundleError(
             f"manifest: fpdm.calibration.m_max has {len(f['calibration']['m_max'])} value(s) for {n_map} map channel(s)"
         )
-    if f["network"].get("in_channels") != len(mods) or f["network"].get("image_size") != m["slice_size"]:
+    if f["network"]["in_channels"] != len(mods) or f["network"]["image_size"] != m["slice_size"]:
         raise BundleError("manifest: fpdm.network does not match the bundle's modalities/slice_size")
 
 

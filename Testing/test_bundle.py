@@ -44,7 +44,11 @@ def test_round_trip_rebuilds_identical_networks(tmp_path):
     assert b.modalities == ["flair", "t2"] and b.slice_size == 32
     info = b.info()
     assert info["sha256"] == b.sha256 and len(b.sha256) == 64
-    assert set(info["files"]) == {"fpdm.safetensors", "dode_encoder.safetensors", "dode_score_64.safetensors"}
+    assert set(info["files"]) == {
+        "models/fpdm.safetensors",
+        "models/dode_encoder.safetensors",
+        "models/dode_score_64.safetensors",
+    }
 
 
 def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
@@ -60,7 +64,7 @@ def test_bundle_stands_in_for_a_weights_file(tmp_path, tiny):
         assert meta["bundle"]["settings"] == settings.as_dict()
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
-    (bad / "fpdm.safetensors").write_bytes(b"x" + (bad / "fpdm.safetensors").read_bytes()[1:])
+    (bad / "models/fpdm.safetensors").write_bytes(b"x" + (bad / "models/fpdm.safetensors").read_bytes()[1:])
     with pytest.raises(BundleError, match="sha256"):
         load_unet_any(bad)
 
@@ -97,8 +101,8 @@ def test_float16_storage_halves_size_and_loads_as_float32(tmp_path):
     full = open_bundle(make_tiny_bundle(tmp_path / "f32", methods=("fpdm",)))
     half = open_bundle(make_tiny_bundle(tmp_path / "f16", methods=("fpdm",), dtype="float16"))
     assert half.info()["total_bytes"] < 0.6 * full.info()["total_bytes"]
-    a = full.tensors("fpdm.safetensors")
-    b = half.tensors("fpdm.safetensors")
+    a = full.tensors("models/fpdm.safetensors")
+    b = half.tensors("models/fpdm.safetensors")
     for k in a:
         assert b[k].dtype == a[k].dtype
         # float16 keeps 11 significant bits: relative rounding error ≤ 2^-11
@@ -111,15 +115,15 @@ def test_zip_forms_load(tmp_path, tiny):
     # a zip of the folder itself (members under "tiny/")
     z2 = tmp_path / "folder.zip"
     with zipfile.ZipFile(z2, "w") as zf:
-        for f in tiny.iterdir():
-            zf.write(f, f"tiny/{f.name}")
+        for f in tiny.rglob("*"):
+            zf.write(f, f"tiny/{f.relative_to(tiny).as_posix()}")
     assert open_bundle(z2).sha256 == open_bundle(tiny).sha256
 
 
 def test_tampered_file_is_refused(tmp_path, tiny):
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
-    f = bad / "fpdm.safetensors"
+    f = bad / "models/fpdm.safetensors"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0x01  # one bit in the last tensor's data: same size, different hash
     f.write_bytes(bytes(data))
@@ -165,7 +169,7 @@ def test_zip_with_escaping_member_is_refused(tmp_path, tiny):
 
 def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
     def edit(m):
-        m["files"]["../x.safetensors"] = m["files"].pop("fpdm.safetensors")
+        m["files"]["../x.safetensors"] = m["files"].pop("models/fpdm.safetensors")
         m["fpdm"]["weights"] = "../x.safetensors"
 
     with pytest.raises(BundleError, match="outside the bundle"):
@@ -181,7 +185,10 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
         (lambda m: m.update(methods=["fpdm", "fpdm"]), "methods: .* non-unique"),
         (lambda m: m.update(modalities=["flair", "pd"]), r"modalities\[1\]: 'pd' is not one of"),
         (lambda m: m.update(slice_size=True), "slice_size has the wrong type"),
-        (lambda m: m["files"]["fpdm.safetensors"].update(sha256="abc"), r"files\['fpdm.safetensors'\].sha256"),
+        (
+            lambda m: m["files"]["models/fpdm.safetensors"].update(sha256="abc"),
+            r"files\['models/fpdm.safetensors'\].sha256",
+        ),
         (lambda m: m.update(pipeline={"calibration": "magic"}), "pipeline.calibration: 'magic' is not one of"),
         (lambda m: m.update(pipeline={"volume_z": 4.0, "volume_grow_z": 6.0}), "volume_grow_z must not exceed"),
         (lambda m: m.update(pipeline={"volume_z": -1}), "pipeline.volume_z: -1 is less than or equal to"),
@@ -286,10 +293,11 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
     assert done.returncode == 0, done.stderr
     swapped = open_bundle(swap)
     sha = {k: v["sha256"] for k, v in swapped.manifest["files"].items()}
-    assert sha["fpdm.safetensors"] == open_bundle(other).manifest["files"]["fpdm.safetensors"]["sha256"]
-    assert sha["fpdm.safetensors"] != old["files"]["fpdm.safetensors"]["sha256"]
-    assert {k: v for k, v in sha.items() if k.startswith("dode_")} == {  # the same AnoDODE bytes
-        k: v["sha256"] for k, v in old["files"].items() if k.startswith("dode_")
+    assert sha["models/fpdm.safetensors"] == open_bundle(other).manifest["files"]["models/fpdm.safetensors"]["sha256"]
+    assert sha["models/fpdm.safetensors"] != old["files"]["models/fpdm.safetensors"]["sha256"]
+    kept = {k: v for k, v in sha.items() if k.startswith("models/dode_")}
+    assert len(kept) == 2 and kept == {  # the same AnoDODE bytes
+        k: v["sha256"] for k, v in old["files"].items() if k.startswith("models/dode_")
     }
     assert swapped.manifest["dode"] == old["dode"] and sorted(swapped.methods) == ["dode", "fpdm"]
 
@@ -331,3 +339,30 @@ def test_make_bundle_writes_a_verified_monai_style_card(tmp_path, tiny, capsys):
     # a bundle without a card still reads; info says so and shows the manifest summary
     assert cli.main(["bundle", "info", str(tiny)]) == 0
     assert "has no card" in capsys.readouterr().out
+
+
+def test_make_bundle_from_a_root_layout_bundle_moves_its_weights_under_models(tmp_path, tiny):
+    """Bundles before 3.1 keep their weights at the root; they still load, and make_bundle --from
+    moves the kept weights under models/ (MONAI's layout) with the same bytes and sections."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in (tiny / "models").iterdir():
+        shutil.copy(f, legacy / f.name)
+    text = (tiny / "manifest.json").read_text().replace('"models/', '"')
+    (legacy / "manifest.json").write_text(text)
+    old = open_bundle(legacy).manifest  # verifies: the root layout reads
+    assert old["fpdm"]["weights"] == "fpdm.safetensors" and "models/fpdm.safetensors" not in old["files"]
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    out = tmp_path / "moved"
+    done = subprocess.run([sys.executable, str(script), "--from", str(legacy), "--out", str(out)], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    new = open_bundle(out).manifest
+    modern = open_bundle(tiny).manifest
+    assert {k: v["sha256"] for k, v in new["files"].items() if "dtype" in v} == {
+        k: v["sha256"] for k, v in modern["files"].items()
+    }
+    assert new["fpdm"] == modern["fpdm"] and new["dode"] == modern["dode"]

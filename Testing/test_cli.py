@@ -90,9 +90,9 @@ def test_bundle_commands(tmp_path, capsys):
     assert cli.main(["bundle", "info", str(b), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["methods"] == ["fpdm", "dode"] and info["dode"]["encoder"]["pretrained"] is False
-    (b / "dode_score_64.safetensors").write_bytes(b"tampered")
+    (b / "models/dode_score_64.safetensors").write_bytes(b"tampered")
     assert cli.main(["bundle", "verify", str(b)]) == 2
-    assert "error: bundle file 'dode_score_64.safetensors' has 8 bytes" in capsys.readouterr().err
+    assert "error: bundle file 'models/dode_score_64.safetensors' has 8 bytes" in capsys.readouterr().err
 
 
 def test_help_and_version():

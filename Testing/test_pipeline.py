@@ -184,9 +184,9 @@ def _bad_inputs(tmp: Path, case: dict, tiny: Path) -> dict[str, tuple[list[str],
     (tmp / "garbage.nii.gz").write_bytes(b"not an image at all")
     tampered = tmp / "tampered"
     shutil.copytree(tiny, tampered)
-    blob = bytearray((tampered / "fpdm.safetensors").read_bytes())
+    blob = bytearray((tampered / "models/fpdm.safetensors").read_bytes())
     blob[-3] ^= 0xFF
-    (tampered / "fpdm.safetensors").write_bytes(bytes(blob))
+    (tampered / "models/fpdm.safetensors").write_bytes(bytes(blob))
     v2 = tmp / "v2"
     shutil.copytree(tiny, v2)
     m = json.loads((v2 / "manifest.json").read_text())

@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -152,7 +152,20 @@ def _owner(manifest: dict, name: str) -> str | None:
     """The method whose section names the weight file ``name`` (None: no method's)."""
     if (manifest.get("fpdm") or {}).get("weights") == name:
         return "fpdm"
-    return "dode" if name.startswith("dode_") else None
+    return "dode" if PurePosixPath(name).name.startswith("dode_") else None
+
+
+def _to_models_folder(section: object, moved: dict[str, str]) -> object:
+    """``section`` with every ``weights`` file name renamed by ``moved`` (old → new), so weights kept
+    from a bundle written before MONAI's ``models/`` layout land there too; bytes are unchanged."""
+    if isinstance(section, dict):
+        return {
+            k: moved.get(v, v) if k == "weights" and isinstance(v, str) else _to_models_folder(v, moved)
+            for k, v in section.items()
+        }
+    if isinstance(section, list):
+        return [_to_models_folder(v, moved) for v in section]
+    return section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 if method not in replaced:
                     manifest[method] = json.loads(json.dumps(base[method]))
                     manifest["methods"].append(method)
-            weights = {
-                name: src.tensors(name)
-                for name, f in base["files"].items()
-                if "dtype" in f and _owner(base, name) not in replaced
-            }
+            kept = [n for n, f in base["files"].items() if "dtype" in f and _owner(base, n) not in replaced]
+            # weights at the bundle's root (bundles before 3.1) move under models/, as MONAI bundles keep them
+            moved = {n: f"models/{n}" for n in kept if "/" not in n}
+            for method in manifest["methods"]:
+                manifest[method] = _to_models_folder(manifest[method], moved)
+            weights = {moved.get(n, n): src.tensors(n) for n in kept}
             modalities, slice_size = base["modalities"], base["slice_size"]
         if args.fpdm:
             if not args.fpdm_calibration or not args.fpdm_calibration.is_file():

@@ -46,12 +46,12 @@ def section(
     """Manifest section and weight files for an AnoDODE model (encoder cut, score nets, optional
     decoder). Only the encoder's kept stages are stored."""
     spec = dode_model.spec
-    files: dict[str, dict] = {"dode_encoder.safetensors": dode_model.encoder.state_dict()}
+    files: dict[str, dict] = {"models/dode_encoder.safetensors": dode_model.encoder.state_dict()}
     # timm-style names so build_encoder(state=...) loads them into the full network
     sec: dict = {
         "modality": modality,
         "encoder": {
-            "weights": "dode_encoder.safetensors",
+            "weights": "models/dode_encoder.safetensors",
             "timm_name": spec.name,
             "stages": spec.stages,
             "pretrained": spec.pretrained,
@@ -69,7 +69,7 @@ def section(
         "decoder": None,
     }
     for s, net, std in zip(dode_model.scales, dode_model.nets, dode_model.standardisers, strict=True):
-        name = f"dode_score_{s}.safetensors"
+        name = f"models/dode_score_{s}.safetensors"
         files[name] = net.state_dict()
         sec["score_networks"][str(s)] = {
             "weights": name,
@@ -80,7 +80,7 @@ def section(
     if decoder is not None:
         if decoder_scale is None:
             raise ValueError("a decoder needs its decoder_scale")
-        name = f"dode_decoder_{decoder_scale}.safetensors"
+        name = f"models/dode_decoder_{decoder_scale}.safetensors"
         files[name] = decoder.state_dict()
         sec["decoder"] = {
             "weights": name,

@@ -30,7 +30,9 @@ def validate(m: dict) -> None:
         raise BundleError("manifest: fpdm.network does not match the bundle's modalities/slice_size")
 
 
-def section(model, schedule, settings, calibration, weights: str = "fpdm.safetensors", **extra) -> tuple[dict, dict]:
+def section(
+    model, schedule, settings, calibration, weights: str = "models/fpdm.safetensors", **extra
+) -> tuple[dict, dict]:
     """Manifest section and weight files for an AnoFPDM model: ``({"fpdm": ...}, {file: state})``."""
     sec = {
         "weights": weights,

@@ -12,7 +12,8 @@ is ever executed. ``anomaly-diffusion bundle info`` prints the card (:func:`rend
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 METADATA = "configs/metadata.json"
 README = "docs/README.md"
@@ -115,6 +116,34 @@ def metadata(
         "default_methods": (manifest.get("pipeline") or {}).get("default_methods") or list(manifest["methods"]),
         "default_methods_reason": (manifest.get("pipeline") or {}).get("default_methods_reason"),
     }
+
+
+def read_eval_metrics(paths: Iterable[Path]) -> dict:
+    """The card's ``eval_metrics`` from evaluation outputs, merged in order (a later file's key wins):
+    ``eval_metrics.json`` of ``benchmarks/shift.py`` or ``training/choose_volume_z.py`` (entries
+    ``{value, data, command}``), or the ``summary.json`` of ``anomaly-diffusion demo`` (its ``demo``
+    block gives ``demo_dice``). Raises ValueError naming a file that is neither."""
+    out: dict = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        if isinstance(doc, dict) and isinstance(doc.get("demo"), dict) and "dice_vs_truth" in doc["demo"]:
+            demo = doc["demo"]
+            mode = ((doc.get("method_details") or {}).get("fpdm") or {}).get("calibration_mode")
+            decision = f"{mode} decision" if mode else "the bundle's default decision"
+            out["demo_dice"] = {
+                "value": demo["dice_vs_truth"],
+                "data": f"anomaly-diffusion demo (synthetic phantom, seed {demo.get('phantom_seed')}), {decision}",
+                "command": "anomaly-diffusion demo --out demo-output",
+            }
+            continue
+        if (
+            not isinstance(doc, dict)
+            or not doc
+            or not all(isinstance(v, dict) and {"value", "data", "command"} <= set(v) for v in doc.values())
+        ):
+            raise ValueError(f"{path}: not an eval_metrics.json (entries of value, data, command) nor a demo summary")
+        out.update(doc)
+    return out
 
 
 def _value(v: object) -> str:

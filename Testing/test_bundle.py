@@ -366,3 +366,27 @@ def test_make_bundle_from_a_root_layout_bundle_moves_its_weights_under_models(tm
         k: v["sha256"] for k, v in modern["files"].items()
     }
     assert new["fpdm"] == modern["fpdm"] and new["dode"] == modern["dode"]
+
+
+def test_eval_metrics_are_read_from_evaluation_outputs(tmp_path):
+    """The card's eval_metrics come from what the evaluations write: eval_metrics.json files (merged
+    in order, a later key wins) and a demo's summary.json (its DICE against the phantom's truth)."""
+    from AnomalyDiffusionLib import card
+
+    shift = tmp_path / "shift.json"
+    shift.write_text(json.dumps({
+        "shift_family_mean_dice": {"value": 0.4, "data": "held-out family", "command": "shift.py"},
+        "tcga_du_7294_dice": {"value": 0.5, "data": "TCGA", "command": "shift.py"},
+    }))  # fmt: skip
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"tcga_du_7294_dice": {"value": 0.6, "data": "TCGA, rerun", "command": "shift.py"}}))
+    demo = tmp_path / "summary.json"
+    demo.write_text(json.dumps({"demo": {"dice_vs_truth": 0.64, "phantom_seed": 11},
+                                "method_details": {"fpdm": {"calibration_mode": "volume"}}}))  # fmt: skip
+    got = card.read_eval_metrics([shift, again, demo])
+    assert got["shift_family_mean_dice"]["value"] == 0.4 and got["tcga_du_7294_dice"]["value"] == 0.6
+    assert got["demo_dice"]["value"] == 0.64 and "seed 11), volume decision" in got["demo_dice"]["data"]
+    junk = tmp_path / "junk.json"
+    junk.write_text(json.dumps({"dice": 0.9}))
+    with pytest.raises(ValueError, match=r"junk\.json: not an eval_metrics\.json"):
+        card.read_eval_metrics([shift, junk])

@@ -16,8 +16,9 @@ which come from the same forward process. Beside them, two **FLAIR-threshold ref
 the threshold that maximises the family's mean DICE (optimistic: tuned on the very cases it is scored
 on, as in Meissen et al.'s "simple baseline").
 
-Writes ``results.json``, ``results.md`` and ``figure.png`` to ``--out``. The real cases are skipped
-with a message when ``--data`` is absent. ``--quick`` runs 3 family cases and the real ones.
+Writes ``results.json``, ``results.md`` and ``figure.png`` to ``--out``, and for a full run
+``eval_metrics.json`` (the bundle card's figures: ``make_bundle.py --eval-metrics``). The real cases
+are skipped with a message when ``--data`` is absent. ``--quick`` runs 3 family cases and the real ones.
 
     python benchmarks/shift.py --out runs/shift            # everything (~1 h on 2 CPU cores)
     python benchmarks/shift.py --quick --out runs/shift_quick
@@ -196,6 +197,47 @@ def aggregate(records: list[dict], modes: list[str]) -> dict:
             for k in ("dode_bpd", "dode_z", "brain_area", "flair_p99.9")
         }
     out["mean_seconds"] = round(float(np.mean([r["seconds"] for r in records])), 1)
+    return out
+
+
+def eval_metrics(results: dict) -> dict:
+    """The card's ``eval_metrics`` entries (``{value, data, command}``) of a full run: the held-out
+    family's AnoFPDM figures under the default decision, each beside its FLAIR-threshold reference,
+    and the real cases (``make_bundle.py --eval-metrics``)."""
+    mode = results["default_calibration"]
+    fam = results["family"]
+    key = f"fpdm_{mode}"
+    if key not in fam or fam[key]["mean_dice"] is None:
+        return {}
+    cmd = results["command"]
+    ref, tuned = fam["flair_fixed"], fam["flair_tuned"]
+    n = sum(1 for c in results["cases"] if c["case"].startswith("shift-") and c["truth_ml"])
+    held_out = f"held-out shift family, {n} lesion cases (never used to choose anything), {mode} decision"
+    out = {
+        "shift_family_mean_dice": {
+            "value": fam[key]["mean_dice"],
+            "data": f"{held_out}; FLAIR-threshold reference {ref['mean_dice']} fixed / {tuned['mean_dice']} tuned",
+            "command": cmd,
+        },
+        "shift_family_worst_dice": {
+            "value": fam[key]["min_dice"],
+            "data": f"{held_out}; FLAIR-threshold reference {ref['min_dice']} fixed / {tuned['min_dice']} tuned",
+            "command": cmd,
+        },
+        "shift_family_healthy_ml": {
+            "value": fam[key]["healthy_ml"],
+            "data": "held-out shift family, healthy cases: segmented volume (mL)",
+            "command": cmd,
+        },
+    }
+    for c in results["cases"]:
+        if c["case"] == "TCGA-DU-7294" and key in c and "dice" in c[key]:
+            out["tcga_du_7294_dice"] = {
+                "value": c[key]["dice"],
+                "data": f"TCGA-DU-7294 (real glioma, fused-algorithm label), {mode} decision; FLAIR-threshold "
+                f"reference {c['flair_fixed']['dice']} fixed / {c['flair_tuned']['dice']} tuned",
+                "command": cmd,
+            }
     return out
 
 
@@ -386,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.quick and not chosen:  # the card's figures come from the whole benchmark only
+        (args.out / "eval_metrics.json").write_text(json.dumps(eval_metrics(results), indent=1))
     (args.out / "results.md").write_text(markdown(results))
     figure(records, args.out / "figure.png")
     print((args.out / "results.md").read_text())

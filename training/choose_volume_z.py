@@ -23,14 +23,20 @@ training phantom on oblique thick-slice grids) were added afterwards; they left 
 (40014–40018) and z steps of 2 between 26 and 32 were added, to make the choice again from the
 development cases alone. For bundle 3.0's weights (fine-tuned on domain-randomised phantoms) all 18
 cases chose z 32, gate 1, grow 6 again: mean lesion DICE 0.587, 0 mL on the 7 healthy cases (the
-bundle decision: 0.317, 0 mL), and 3.0 defaults to the volume decision.
+bundle decision: 0.317, 0 mL), and 3.0 defaults to the volume decision. On 3.0's cached forward passes,
+z only set whether a seed exists (the hysteresis gives the extent), and the smallest development
+lesion (40006, 3.8 mL) was cut by the lowest growth level tried (6). The grid was therefore extended
+with growth levels 3–5 and a FLAIR gate of 0.5 before bundle 3.1 was chosen (a median filter of 3
+instead of the calibration's 5 was also tried on those caches and rejected: healthy case 40003 kept
+17.7 mL even at z 32).
 
     python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
         [--volume-flair-z G] [--volume-grow-z L]
 
-Writes ``OUT/<seed>.json`` per case (cached per bundle sha256: a rerun only adds missing cases) and
-``OUT/choice.json``; about 15 minutes on 2 cores.
+Writes ``OUT/<seed>.json`` per case (cached per bundle sha256: a rerun only adds missing cases),
+``OUT/choice.json`` and ``OUT/eval_metrics.json`` (the development figures for the bundle card,
+marked as not held out); about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ RULES = tuple(
     + [(z, g, None) for z in (10.0, 16.0, 20.0) for g in (1.0, 2.0)]
     + [(z, g, grow) for z in (12.0, 16.0, 20.0, 24.0) for g in (None, 1.0, 2.0) for grow in (6.0, 8.0, 10.0)]
     + [(z, g, grow) for z in (26.0, 28.0, 30.0, 32.0, 36.0, 40.0) for g in (None, 1.0) for grow in (6.0, 8.0)]
+    # lower growth levels and a weaker FLAIR gate (added for bundle 3.1, see the module docstring)
+    + [(z, g, grow) for z in (26.0, 28.0, 30.0, 32.0, 36.0, 40.0) for g in (None, 0.5, 1.0) for grow in (3.0, 4.0, 5.0)]
+    + [(z, 0.5, grow) for z in (26.0, 28.0, 30.0, 32.0, 36.0, 40.0) for grow in (6.0, 8.0)]
 )
 
 
@@ -275,6 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     result["cases"] = [r["seed"] for r in records]
     result["bundle_sha256"] = bundle.sha256
     (args.out / "choice.json").write_text(json.dumps(result, indent=1))
+    les = [r for r in records if not r["healthy"]]
+    healthy = [r for r in records if r["healthy"]]
+    key = rule_key(result["z"], result["flair_hyper_z"], result["grow_z"])
+    seeds = f"seeds {min(r['seed'] for r in records)}-{max(r['seed'] for r in records)}"
+    # the card's record of what the rule was chosen on: development data, not an evaluation
+    metrics = {
+        "dev_mean_lesion_dice": {
+            "value": round(float(np.mean([r["z"][key]["dice"] for r in les])), 3) if les else None,
+            "data": f"{len(records)} development phantoms ({seeds}) on which the volume rule was chosen: not held out",
+            "command": "python training/choose_volume_z.py",
+        },
+        "dev_healthy_max_ml": {
+            "value": max((r["z"][key]["volume_ml"] for r in healthy), default=None),
+            "data": f"the {len(healthy)} healthy development phantoms ({seeds}): not held out",
+            "command": "python training/choose_volume_z.py",
+        },
+    }
+    (args.out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
     print("    z  gate  grow  score  mean DICE  min DICE  max healthy mL")
     for t in result["table"]:
         gate = "none" if t["flair_hyper_z"] is None else f"{t['flair_hyper_z']:.1f}"

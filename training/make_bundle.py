@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-metrics",
         type=Path,
+        action="append",
         default=None,
-        help="JSON file of measured figures for the card's eval_metrics, each {value, data, command} "
+        help="evaluation output for the card's eval_metrics (repeatable, merged in order): eval_metrics.json of "
+        "benchmarks/shift.py or training/choose_volume_z.py, or a demo's summary.json "
         "(default: the --from bundle's, unless a method is replaced)",
     )
     p.add_argument("--authors", default="AnomalyDiffusion developers", help="the card's authors")
@@ -331,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     manifest[key] = base[key]
         metrics = None
         if args.eval_metrics:
-            metrics = json.loads(args.eval_metrics.read_text())
+            try:
+                metrics = card.read_eval_metrics(args.eval_metrics)
+            except (OSError, ValueError) as exc:
+                raise AnomalyDiffusionError(f"--eval-metrics: {exc}") from None
         elif src is not None:  # figures measured on the source's weights hold only while they are unchanged
             old = src.document(card.METADATA)
             if old is not None and not replaced:

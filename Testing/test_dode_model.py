@@ -121,6 +121,13 @@ def test_train_dode_script_writes_a_loadable_model(tmp_path):
     assert train_dode.main(args) == 0
     for name in ("dode_encoder.safetensors", "dode_score_128.safetensors", "dode_score_64.safetensors"):
         assert (out / name).is_file()
+    # training ends with an AnoDODE-only bundle holding the same networks
+    from AnomalyDiffusionLib.bundle import open_bundle
+    from AnomalyDiffusionLib.dode.model import dode_from_bundle
+
+    made = open_bundle(out / "bundle")
+    assert made.methods == ["dode"] and made.manifest["dode"]["decision_threshold"] is None
+    assert dode_from_bundle(made).scales == [128, 64]
     model = load_dode(out)
     assert model.scales == [128, 64] and model.spec.name == "tf_efficientnet_lite0" and model.spec.pretrained
     x = torch.rand(2, 1, 128, 128) * 2 - 1

@@ -135,9 +135,13 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
         assert ext["extended"] == bool(ext["rounds"]) == any(v["round"] for v in rep["table"].values())
         for i, r in enumerate(ext["rounds"], 1):
             assert r["added"] == [4.0] and all(rep["table"][str(w)]["round"] == i for w in r["added"])
-    # the calibration also becomes a bundle that detect can open
+    # the calibration also becomes a bundle that detect can open: by default beside the report
     from AnomalyDiffusionLib.bundle import open_bundle
     from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
+
+    for mode in ("ddim", "ddpm"):
+        made = open_bundle(tmp_path / "m" / f"bundle_fpdm_{mode}")
+        assert made.methods == ["fpdm"] and made.manifest["fpdm"]["settings"]["mode"] == mode
 
     assert calibrate_fpdm.main([*common, "--w", "0,1", "--threads", "1", "--bundle", str(tmp_path / "bun")]) == 0
     b = open_bundle(tmp_path / "bun")

@@ -17,7 +17,9 @@ The logic is the library's (AnomalyDiffusionLib.fpdm.calibrate.calibrate_fpdm); 
 model and the validation slices and writes the report.
 
 Writes calibration_fpdm_<mode>.json (settings for inference, the calibration, the table per w) and
-calibration_fpdm_<mode>.png (accuracy vs w, as in Fig. 5a) into --out (default: the model's folder).
+calibration_fpdm_<mode>.png (accuracy vs w, as in Fig. 5a) into --out (default: the model's folder),
+and the trained, calibrated model as an AnoFPDM-only bundle in OUT/bundle_fpdm_<mode> (--bundle
+elsewhere, --no-bundle to skip): the form detect, the evaluators and make_bundle.py --from read.
 The cosine threshold depends on the encoding, so each mode (ddim, ddpm) is calibrated separately.
 
 Examples:
@@ -120,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--bundle",
         type=Path,
         default=None,
-        help="also write an AnoFPDM-only model bundle here (make_bundle.py combines AnoFPDM and AnoDODE)",
+        help="where the AnoFPDM-only model bundle (the trained and calibrated model, loadable like any "
+        "bundle) is written (default OUT/bundle_fpdm_<mode>; make_bundle.py combines AnoFPDM and AnoDODE)",
     )
+    p.add_argument("--no-bundle", action="store_true", help="write only the calibration report")
     return p
 
 
@@ -237,13 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         f"w* = {c['w']:g}, cosine threshold {c['cos_threshold']:.5f}, M_max {[f'{m:.3g}' for m in c['m_max']]}; "
         f"{report['validation']['slices']} slices in {report['seconds']} s -> {out / (name + '.json')}"
     )
-    if args.bundle:
-        import make_bundle  # beside this script
+    if args.no_bundle:
+        return 0
+    import make_bundle  # beside this script
 
-        return make_bundle.main(
-            ["--fpdm", str(args.model), "--fpdm-calibration", str(out / f"{name}.json"), "--out", str(args.bundle)]
-        )
-    return 0
+    # the end product of AnoFPDM training: one format that every loader reads (fpdm.model.fpdm_from_bundle)
+    bundle = args.bundle or out / f"bundle_fpdm_{args.mode}"
+    return make_bundle.main(
+        ["--fpdm", str(args.model), "--fpdm-calibration", str(out / f"{name}.json"), "--out", str(bundle)]
+    )
 
 
 if __name__ == "__main__":

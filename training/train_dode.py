@@ -8,7 +8,8 @@ Adam (lr 1e-4), EMA, seeded, atomic checkpoints, exact --resume; AMP on GPU.
 
 Outputs in --out: dode_encoder.safetensors (the cut encoder's weights, so inference needs no extra
 package), dode_score_<scale>.safetensors per scale (EMA weights; the config, encoder spec and feature
-standardisation live in its metadata), scale_<scale>/ (checkpoint, loss.csv, loss.png).
+standardisation live in its metadata), scale_<scale>/ (checkpoint, loss.csv, loss.png), and
+bundle/: the same model as an AnoDODE-only bundle (no decision threshold yet; --no-bundle skips it).
 
 Examples:
   python training/train_dode.py --data data/bmad_flair --encoder efficientnet_b5 --encoder-weights b5.pth \
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-bundle", action="store_true", help="do not write OUT/bundle (the AnoDODE-only bundle)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -211,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"scale {scale}: final loss {history[-1]['loss']:.4f} ({history[-1]['seconds']:.0f} s)")
         (args.out / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+        if dist.main and not args.no_bundle:
+            import make_bundle  # beside this script
+
+            # the end product: an AnoDODE-only bundle (no decision threshold until evaluate_dode.py
+            # calibrates one; make_bundle.py --dode RUN then adds it), the form every loader reads
+            rc = make_bundle.main(["--dode", str(args.out), "--out", str(args.out / "bundle")])
+            if rc:
+                return rc
     except AnomalyDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .diffusion import UNet, UNetConfig
 from .errors import AnomalyDiffusionError
+from .nets import UNet, UNetConfig
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:

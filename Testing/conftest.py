@@ -51,7 +51,7 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
     import torch
 
     from AnomalyDiffusionLib.bundle import write_bundle
-    from AnomalyDiffusionLib.diffusion import Schedule, UNet, unet_config
+    from AnomalyDiffusionLib.diffusion import Schedule
     from AnomalyDiffusionLib.dode.features import EncoderSpec, Standardiser, build_encoder
     from AnomalyDiffusionLib.dode.manifest import section as dode_section
     from AnomalyDiffusionLib.dode.model import DODEModel
@@ -59,6 +59,7 @@ def make_tiny_bundle(out: Path, methods=("fpdm", "dode"), dtype="float32", as_zi
     from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings
     from AnomalyDiffusionLib.fpdm.manifest import section as fpdm_section
     from AnomalyDiffusionLib.methods import validate_manifest_sections
+    from AnomalyDiffusionLib.nets import UNet, unet_config
 
     torch.manual_seed(seed)
     manifest = {

@@ -30,7 +30,7 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_round_trip_rebuilds_identical_networks(tmp_path):
     path = make_tiny_bundle(tmp_path / "b", seed=3)
     torch.manual_seed(3)  # make_tiny_bundle draws the FPDM UNet first from this seed
-    from AnomalyDiffusionLib.diffusion import UNet, unet_config
+    from AnomalyDiffusionLib.nets import UNet, unet_config
 
     expected = UNet(unet_config("tiny", in_channels=2, image_size=32))
     b = open_bundle(path)
@@ -73,9 +73,9 @@ def test_method_loaders_refuse_a_bundle_without_their_method_and_read_the_decode
     """The method-side loaders (the bundle module itself builds no network): each refuses a bundle
     that lacks its method or the optional AnoDODE decoder by name; the decoder round-trips."""
     from AnomalyDiffusionLib.bundle import write_bundle
-    from AnomalyDiffusionLib.dode.decoder import Decoder
     from AnomalyDiffusionLib.dode.manifest import section as dode_section
     from AnomalyDiffusionLib.dode.model import decoder_from_bundle
+    from AnomalyDiffusionLib.nets import Decoder
 
     only_fpdm = open_bundle(make_tiny_bundle(tmp_path / "f", methods=("fpdm",)))
     only_dode = open_bundle(make_tiny_bundle(tmp_path / "d", methods=("dode",)))

@@ -180,7 +180,7 @@ def test_decoder_training_and_localisation_smoke(tmp_path):
     """train_dode.py + train_decoder.py (a few iterations), then a heatmap per slice at slice size."""
     import train_decoder
 
-    from AnomalyDiffusionLib.dode.decoder import localise
+    from AnomalyDiffusionLib.dode.localise import localise
     from AnomalyDiffusionLib.dode.model import load_decoder
 
     out = tmp_path / "dode"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, unet_config
+from AnomalyDiffusionLib.diffusion import NULL, Schedule
 from AnomalyDiffusionLib.errors import InputError
 from AnomalyDiffusionLib.fpdm import (
     Calibration,
@@ -26,6 +26,7 @@ from AnomalyDiffusionLib.fpdm import (
     select_guidance,
     sequence_cosine,
 )
+from AnomalyDiffusionLib.nets import UNet, unet_config
 
 
 class GaussianEps(nn.Module):

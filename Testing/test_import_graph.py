@@ -163,7 +163,8 @@ def test_library_graph_sees_the_known_edges() -> None:
     graph = import_graph(ROOT / PACKAGE)
     assert f"{PACKAGE}.errors" in graph[f"{PACKAGE}.volumes"]  # module level, "from .errors import ..."
     assert f"{PACKAGE}.pipeline" in graph[f"{PACKAGE}.cli"]  # inside a function
-    assert f"{PACKAGE}.diffusion" in graph[f"{PACKAGE}.dode.score"]  # "from ..diffusion import ..."
+    assert f"{PACKAGE}.nets" in graph[f"{PACKAGE}.dode.score"]  # "from ..nets import ..."
+    assert f"{PACKAGE}.diffusion" in graph[f"{PACKAGE}.fpdm.forward"]  # "from ..diffusion import ..."
     assert f"{PACKAGE}.fpdm" in graph[f"{PACKAGE}.methods"]  # the subpackage's __init__ runs first
 
 

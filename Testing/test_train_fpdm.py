@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from AnomalyDiffusionLib.datasets import phantom_dataset
-from AnomalyDiffusionLib.diffusion import UNet, unet_config
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import load_unet, read_meta, save_unet
+from AnomalyDiffusionLib.nets import UNet, unet_config
 from AnomalyDiffusionLib.phantom import PhantomOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))

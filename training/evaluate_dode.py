@@ -257,7 +257,7 @@ def _localisation(args, model, x, labels, ds) -> dict | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from AnomalyDiffusionLib.dode.decoder import localise
+    from AnomalyDiffusionLib.dode.localise import localise
     from AnomalyDiffusionLib.dode.sde import VPSDE
 
     scale = max(usable)

@@ -29,11 +29,12 @@ from AnomalyDiffusionLib.bundle import is_bundle
 from AnomalyDiffusionLib.cli_support import TqdmProgress, add_slice_range_argument, parse_slice_range
 from AnomalyDiffusionLib.datasets import load_or_make
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
-from AnomalyDiffusionLib.dode.decoder import Decoder, reconstruction_loss
 from AnomalyDiffusionLib.dode.features import extract
+from AnomalyDiffusionLib.dode.localise import reconstruction_loss
 from AnomalyDiffusionLib.dode.model import load_dode
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_weights
+from AnomalyDiffusionLib.nets import Decoder
 from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, setup_distributed, train_loop
 
 

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from AnomalyDiffusionLib.cli_support import TqdmProgress, parse_slice_range
 from AnomalyDiffusionLib.datasets import open_slices
 from AnomalyDiffusionLib.devices import tune_cpu_allocator
-from AnomalyDiffusionLib.diffusion import NULL, Schedule, UNet, count_parameters, q_sample, unet_config
+from AnomalyDiffusionLib.diffusion import NULL, Schedule, q_sample
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm.model import load_unet_any
 from AnomalyDiffusionLib.modelio import save_unet
+from AnomalyDiffusionLib.nets import UNet, count_parameters, unet_config
 from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 log = logging.getLogger("train_fpdm")

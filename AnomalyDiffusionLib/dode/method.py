@@ -16,7 +16,7 @@ from ..progress import report
 from ..selfcal import robust_z, slice_covariates
 from ..volumes import PlaneFit
 from . import manifest
-from .decoder import localise
+from .localise import localise
 from .model import DODEModel, decoder_from_bundle, dode_from_bundle, score_slices
 from .sde import VPSDE
 

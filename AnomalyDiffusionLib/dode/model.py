@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from ..bundle import Bundle, BundleError, is_bundle, open_bundle
-from ..diffusion import UNetConfig
 from ..errors import AnomalyDiffusionError, InputError
 from ..modelio import load_state, load_weights, read_meta
-from .decoder import Decoder
+from ..nets import Decoder, UNetConfig
 from .features import Encoder, EncoderSpec, Standardiser, build_encoder, extract
 from .likelihood import likelihood_scipy, likelihood_torch, make_probe
 from .score import ScoreNet

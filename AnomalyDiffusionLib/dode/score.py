@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..diffusion import UNet, UNetConfig
+from ..nets import UNet, UNetConfig
 from .sde import VPSDE
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from ..bundle import Bundle, BundleError, is_bundle, open_bundle
-from ..diffusion import Schedule, UNet, UNetConfig
+from ..diffusion import Schedule
 from ..errors import AnomalyDiffusionError
 from ..modelio import load_state, load_unet, load_weights
+from ..nets import UNet, UNetConfig
 from .decision import Calibration
 from .forward import FPDMSettings
 

@@ -1,6 +1,5 @@
-"""Layers the networks of both methods share (the AnoFPDM UNet and AnoDODE's score networks in
-:mod:`~AnomalyDiffusionLib.diffusion`, AnoDODE's feature decoder in
-:mod:`~AnomalyDiffusionLib.dode.decoder`)."""
+"""Layers the networks of both methods share (the UNet of AnoFPDM and AnoDODE's score networks,
+AnoDODE's feature decoder)."""
 
 from __future__ import annotations
 

@@ -210,17 +210,34 @@ def test_newer_names_are_behind_a_check(tree):
         assert guards and not all(_holds(g, old) for g in guards), chain
 
 
-def test_sample_data_registration_uses_known_parameters(tree):
+def test_sample_data_calls_use_known_parameters(tree):
+    """Keywords of ``SampleDataLogic`` calls: its class methods (registration), its constructor
+    (``logMessage``) and the methods called on a new instance (``SampleDataLogic(...).downloadFile``),
+    against both releases."""
+    checked = set()
     for n in ast.walk(tree):
-        if isinstance(n, ast.Call) and _chain(n.func) and _chain(n.func)[:2] == ("SampleData", "SampleDataLogic"):
-            method = _chain(n.func)[2] if len(_chain(n.func)) > 2 else None
-            if method is None:
+        if not isinstance(n, ast.Call):
+            continue
+        chain = _chain(n.func)
+        if chain and chain[:2] == ("SampleData", "SampleDataLogic"):
+            method = chain[2] if len(chain) > 2 else "__init__"
+        elif (
+            isinstance(n.func, ast.Attribute)
+            and isinstance(n.func.value, ast.Call)
+            and _chain(n.func.value.func) == ("SampleData", "SampleDataLogic")
+        ):
+            method = n.func.attr  # SampleDataLogic(...).method(...)
+        else:
+            continue
+        for tag, ref in VERSIONS.items():
+            params = ref["SampleData_SampleDataLogic"].get(method)
+            if params is None:
+                assert method == "registerCustomSampleDataCategory", (tag, method)  # 5.12-only: gated
                 continue
-            for tag, ref in VERSIONS.items():
-                params = ref["SampleData_SampleDataLogic"].get(method)
-                if params is None:
-                    continue  # a 5.12-only method: checked by test_newer_names_are_behind_a_check
-                assert {k.arg for k in n.keywords} <= set(params), (tag, method)
+            assert {k.arg for k in n.keywords} <= set(params), (tag, method)
+            assert len(n.args) <= len(params) - 1, (tag, method)  # positional, after self
+        checked.add(method)
+    assert {"__init__", "downloadFile", "registerCustomSampleDataSource"} <= checked
 
 
 def test_pytorch_utils_calls_exist(tree):

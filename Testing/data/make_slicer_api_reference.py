@@ -50,11 +50,11 @@ def public_names(src: str) -> list[str]:
 
 
 def class_methods(src: str, cls: str) -> dict[str, list[str]]:
-    """``{method: [parameter names]}`` of a class's public methods in ``src``."""
+    """``{method: [parameter names]}`` of a class's public methods and its constructor in ``src``."""
     node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == cls)
     out = {}
     for f in node.body:
-        if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"):
+        if isinstance(f, ast.FunctionDef) and (not f.name.startswith("_") or f.name == "__init__"):
             out[f.name] = [a.arg for a in f.args.args + f.args.kwonlyargs]
     return out
 

@@ -349,6 +349,8 @@ class AnomalyDiffusionPanel(VTKObservationMixin):
             self._probe.cancel()
             self._probe = None
         self._probeTimer.stop()
+        if getattr(self.logic, "logCallback", None) == self.showStep:
+            self.logic.logCallback = None  # the logic may outlive this panel (console use)
         self.removeObservers()
 
     def _bundleKey(self):

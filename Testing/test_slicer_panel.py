@@ -749,6 +749,8 @@ def test_panel_takes_the_logics_step_messages(module):
     assert logic.logCallback == panel.showStep
     panel.showStep("Installing PyTorch")
     assert ui.statusLabel.text == "Installing PyTorch"
+    panel.cleanup()
+    assert logic.logCallback is None  # a console run after the panel is gone does not touch its widgets
 
 
 # -------------------------------------------------------------------------------- sample data

@@ -26,7 +26,8 @@ cases chose z 32, gate 1, grow 6 again: mean lesion DICE 0.587, 0 mL on the 7 he
 bundle decision: 0.317, 0 mL), and 3.0 defaults to the volume decision. On 3.0's cached forward passes,
 z only set whether a seed exists (the hysteresis gives the extent), and the smallest development
 lesion (40006, 3.8 mL) was cut by the lowest growth level tried (6). The grid was therefore extended
-with growth levels 3–5 and a FLAIR gate of 0.5 before bundle 3.1 was chosen (a median filter of 3
+with growth levels 3–5 and a FLAIR gate of 0.5, and six domain-randomised cases (40019–40024, five
+with lesions) were added, before bundle 3.1 was chosen (a median filter of 3
 instead of the calibration's 5 was also tried on those caches and rejected: healthy case 40003 kept
 17.7 mL even at z 32).
 
@@ -112,6 +113,14 @@ DEV = (
     DevCase(40016, "training-oblique", 3.5, tilt_deg=(4.0, 10.0, 9.0)),
     DevCase(40017, "training-oblique", 2.5, tilt_deg=(-3.0, -9.0, -15.0)),
     DevCase(40018, "training-oblique", 2.5, healthy=True, tilt_deg=(9.0, 6.0, 11.0)),
+    # more domain-randomised cases (added for bundle 3.1): the first 18 held 4 randomised lesion cases
+    # against 8 training-like ones, so the choice leaned on the phantom the bundle was trained on
+    DevCase(40019, "brats"),
+    DevCase(40020, "clinical", 4.0),
+    DevCase(40021, "clinical", 3.0),
+    DevCase(40022, "brats"),
+    DevCase(40023, "clinical", 5.0),
+    DevCase(40024, "brats", healthy=True),
 )
 
 

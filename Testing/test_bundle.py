@@ -328,6 +328,15 @@ def test_make_bundle_writes_a_verified_monai_style_card(tmp_path, tiny, capsys):
     assert image["spatial_shape"] == [32, 32] and len(meta["references"]) == 2
     assert meta["eval_metrics"]["demo_dice"]["value"] == 0.5
     assert b.document(card.README).decode() == card.render(meta)
+    # a rebuild keeps the measured figures only while the weights and the pipeline defaults are the same
+    for extra, kept in (([], True), (["--calibration", "volume", "--volume-z", "9"], False)):
+        again = tmp_path / f"again{len(extra)}"
+        done = subprocess.run(
+            [sys.executable, str(script), "--from", str(out), "--out", str(again), *extra], capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
+        got = json.loads(open_bundle(again).document(card.METADATA))
+        assert ("demo_dice" in got.get("eval_metrics", {})) is kept, extra
     assert cli.main(["bundle", "info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "# tiny-test 3.0.0" in shown and "demo_dice: 0.5 (data: demo phantom" in shown

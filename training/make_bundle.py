@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = card.read_eval_metrics(args.eval_metrics)
             except (OSError, ValueError) as exc:
                 raise AnomalyDiffusionError(f"--eval-metrics: {exc}") from None
-        elif src is not None:  # figures measured on the source's weights hold only while they are unchanged
+        elif src is not None:  # figures measured on the source hold only while its weights and defaults do
             old = src.document(card.METADATA)
-            if old is not None and not replaced:
+            if old is not None and not replaced and manifest["pipeline"] == base.get("pipeline"):
                 metrics = json.loads(old).get("eval_metrics")
         meta = card.metadata(manifest, metrics, authors=args.authors)
         documents = {

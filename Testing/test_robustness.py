@@ -12,16 +12,16 @@ from AnomalyDiffusionLib.metrics import dice
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, smooth_noise
 from AnomalyDiffusionLib.pipeline import DetectOptions, detect
 
-# Issue 15's robustness acceptance is NOT met by bundle 3.0 either: with its default (volume)
-# decision the original 2 mm phantom's mask reaches DICE 0.34 against its truth, and the volume
-# decision flags 1 of the lesion's large slices where the test asks for 3 (measured 2026-12-03; 2.1:
-# DICE 0.32 with its bundle decision). Only the healthy-volume test passes (it failed with 2.1). The
-# tests run and report; they are expected to fail until a better-trained bundle lands
-# (strict=False: remove the marker then).
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(strict=False, reason="issue 15 acceptance not yet met by bundle 3.0 (see module comment)"),
-]
+# Issue 15's robustness acceptance is only partly met by bundle 3.1 (measured 2026-12-04 on this
+# 2 mm phantom with the default volume decision): the original mask reaches DICE 0.60 against its
+# truth and a healthy volume stays under 2 mL, so those two tests are hard. The masks do not yet
+# survive the shifts: DICE to the original mask 0.87 / 0.77 under the +/-20 % bias field, 0.88 under
+# gamma 1.25, and 0.0 under gamma 0.8 (the map no longer reaches the seed level z 32); and only one of
+# the lesion's slices covers 10 % of the brain, so the K-slice test's premise (at least 3) fails
+# before its check (that one slice is flagged). These stay xfail (strict=False) until a better
+# model lands. (3.0: original DICE 0.34.)
+pytestmark = [pytest.mark.slow]
+NOT_YET = pytest.mark.xfail(strict=False, reason="issue 15 acceptance not yet met by bundle 3.1 (see module comment)")
 OPTIONS = DetectOptions(methods=("fpdm",))  # default settings; AnoDODE does not touch the masks
 
 
@@ -58,6 +58,7 @@ def test_the_original_mask_finds_the_lesion(lesion_case, original):
     assert dice(_mask(original), truth) > 0.5
 
 
+@NOT_YET
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_masks_survive_a_smooth_bias_field_of_20_percent(lesion_case, original, sign):
     field = smooth_noise(np.random.default_rng(5), lesion_case.mask.shape, 20.0)
@@ -66,6 +67,7 @@ def test_masks_survive_a_smooth_bias_field_of_20_percent(lesion_case, original, 
     assert dice(_mask(res), _mask(original)) >= 0.9
 
 
+@NOT_YET
 @pytest.mark.parametrize("gamma", [0.8, 1.25])
 def test_masks_survive_a_gamma(lesion_case, original, gamma):
     def g(a: np.ndarray) -> np.ndarray:
@@ -82,6 +84,7 @@ def test_a_healthy_phantom_volume_gives_at_most_2_ml():
     assert res.summary["lesion_volume_ml"] <= 2.0
 
 
+@NOT_YET
 def test_the_volume_decision_flags_the_lesion_slices(lesion_case, original):
     """The per-volume decision (computed beside the default one from the same forward process). A
     volume of healthy slices plus K lesion slices: the slices whose lesion covers at least 10 %
@@ -89,7 +92,7 @@ def test_the_volume_decision_flags_the_lesion_slices(lesion_case, original):
     truth = original.case.reorientation.to_canonical(lesion_case.mask.astype(np.uint8)) > 0
     brain = original.case.mask
     rows = {r["slice"]: r for r in original.rows}
-    assert original.summary["method_details"]["fpdm"]["calibration_mode"] == "volume"  # bundle 3.0's default
+    assert original.summary["method_details"]["fpdm"]["calibration_mode"] == "volume"  # the default (3.0, 3.1)
     lesion_share = truth.reshape(len(truth), -1).sum(1) / np.maximum(brain.reshape(len(brain), -1).sum(1), 1)
     big = [k for k in rows if lesion_share[k] >= 0.10]
     assert len(big) >= 3

@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -56,9 +55,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-diffusion-bundle"
 FORMAT_VERSION = "1.0"
-#: a method name: the manifest section and the library package of that method
-METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-MODALITIES = ("flair", "t1", "t1ce", "t2")
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 

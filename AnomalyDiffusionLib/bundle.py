@@ -54,7 +54,7 @@ from .errors import AnomalyDiffusionError
 log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-diffusion-bundle"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: pipeline.volume_seed_*, volume_flair_bias_px
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 
@@ -155,8 +155,11 @@ def validate_manifest(m: object) -> dict:
         if not isinstance(m.get(name), dict):
             raise BundleError(f"manifest: method '{name}' has no '{name}' section")
     pipe = m.get("pipeline") or {}
-    if "volume_grow_z" in pipe and pipe["volume_grow_z"] > pipe.get("volume_z", float("inf")):
+    top = pipe.get("volume_z", float("inf"))  # without it the library default applies (checked at run time)
+    if "volume_grow_z" in pipe and pipe["volume_grow_z"] > top:
         raise BundleError("manifest: pipeline.volume_grow_z must not exceed pipeline.volume_z")
+    if "volume_seed_map_z" in pipe and not pipe["volume_grow_z"] <= pipe["volume_seed_map_z"] <= top:
+        raise BundleError("manifest: pipeline.volume_seed_map_z must lie between pipeline.volume_grow_z and volume_z")
     for name in m["files"]:
         _safe_member(name)
     return m

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from AnomalyDiffusionLib.flair_reference import flair_zscore, threshold_mask
-from AnomalyDiffusionLib.selfcal import DEFAULT_Z, pixel_level, robust_standardise, robust_z, slice_covariates
+from AnomalyDiffusionLib.selfcal import (
+    DEFAULT_Z,
+    local_standardise,
+    pixel_level,
+    robust_standardise,
+    robust_z,
+    slice_covariates,
+)
 
 
 def test_robust_z_of_a_gaussian_population_is_standard_and_outliers_stand_out():
@@ -185,3 +192,72 @@ def test_hysteresis_keeps_a_seeded_region_whole_and_drops_unseeded_ones():
     assert info["grow_z"] == 30.0 and info["grow_level"] < info["pixel_level"]
     with pytest.raises(ValueError, match="grow_z"):
         volume_segmentation(fwd, cal, 10.0, grow_z=20.0)
+
+
+def _biased_brain(n: int = 4, s: int = 64):
+    """A round brain (radius 25.6 px) of FLAIR 1 with tissue noise of SD 0.05 under a smooth bias
+    that brightens one side by up to 60 % (a Gaussian bump of SD 16 px centred 6 px outside the brain),
+    and one small blob 30 % brighter than its surroundings on the other side."""
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[:s, :s]
+    fg2 = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (0.4 * s) ** 2
+    bias = 1.0 + 0.6 * np.exp(-((xx - 1.0 * s) ** 2 + (yy - s / 2) ** 2) / (2 * 16.0**2))
+    flair = np.repeat((bias * fg2)[None], n, 0) * (1.0 + rng.normal(0.0, 0.05, (n, s, s)))
+    blob = (yy - s / 2) ** 2 + (xx - 0.25 * s) ** 2 < 2.5**2
+    flair[1][blob] *= 1.3
+    return flair, np.repeat(fg2[None], n, 0), blob
+
+
+def test_local_standardise_removes_a_smooth_bias_and_keeps_a_small_bright_blob():
+    """A global robust z calls a patch of the bright-biased side strongly hyperintense (z >= 3: 0.13 %
+    of N(0, 1)); with the smooth background removed (sigma 8 px: far above the blob's radius of
+    2.5 px, below the bias's scale) far fewer tissue pixels do, and the blob stands out."""
+    flair, fg, blob = _biased_brain()
+    glob = robust_standardise(flair, fg)
+    local = local_standardise(flair, fg, 8.0)
+    tissue = fg.copy()
+    tissue[1][blob] = False
+    assert np.mean(glob[tissue] >= 3.0) > 0.05
+    assert np.mean(local[tissue] >= 3.0) < 0.025
+    assert np.median(local[1][blob]) > 4.0
+
+
+def test_local_standardise_ignores_gain_and_offset_and_the_outside():
+    flair, fg, _ = _biased_brain()
+    a = local_standardise(flair, fg, 8.0)
+    b = local_standardise(3.0 * flair + 7.0, fg, 8.0)
+    assert np.allclose(a[fg], b[fg], atol=1e-6)
+    outside = flair.copy()
+    outside[~fg] = 50.0  # a bright skull or background does not leak into the brain's background
+    assert np.allclose(local_standardise(outside, fg, 8.0)[fg], a[fg], atol=1e-6)
+
+
+def test_flair_assisted_seeds_find_a_weak_bright_region_and_nothing_else():
+    """A FLAIR-bright region whose map stays below the seed level z is found with the second kind of
+    seed (map above seed_map_z and FLAIR above seed_flair_z); an equally weak region that is not
+    FLAIR-bright, and a FLAIR-bright region without any map signal, are not."""
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
+
+    fwd, flair = _two_blob_forward()
+    h = fwd.h
+    h[2, 0] = np.random.default_rng(6).uniform(0.0, 0.01, h.shape[-2:])
+    h[2, 0, 4:12, 4:12] = 0.2  # weak map, FLAIR-bright (flair[2, 4:12, 4:12] += 1)
+    h[2, 0, 20:28, 20:28] = 0.2  # weak map, FLAIR-normal
+    flair[4, 20:28, 4:12] += 1.0  # FLAIR-bright, no map signal
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=3, min_component=64)
+    kw = {"flair": flair, "hyper_z": 1.0, "grow_z": 10.0}
+    plain, _ = volume_segmentation(fwd, cal, 200.0, **kw)
+    assert not plain.masks.any()  # the map alone never reaches z
+    seeded, info = volume_segmentation(fwd, cal, 200.0, seed_map_z=20.0, seed_flair_z=3.0, **kw)
+    assert seeded.masks[2, 8, 8] and not seeded.masks[2, 24, 24] and not seeded.masks[4].any()
+    assert seeded.unhealthy.tolist() == [0, 0, 1, 0, 0, 0]
+    assert info["seed_map_z"] == 20.0 and info["seed_flair_z"] == 3.0
+    # a FLAIR seed level no pixel reaches changes nothing
+    strict, _ = volume_segmentation(fwd, cal, 200.0, seed_map_z=20.0, seed_flair_z=1e6, **kw)
+    assert not strict.masks.any()
+    with pytest.raises(ValueError, match="go together"):
+        volume_segmentation(fwd, cal, 200.0, seed_map_z=20.0, **kw)
+    with pytest.raises(ValueError, match="grow_z <= seed_map_z <= z"):
+        volume_segmentation(fwd, cal, 200.0, seed_map_z=5.0, seed_flair_z=3.0, **kw)
+    with pytest.raises(ValueError, match="need the FLAIR"):
+        volume_segmentation(fwd, cal, 200.0, grow_z=10.0, seed_map_z=20.0, seed_flair_z=3.0)

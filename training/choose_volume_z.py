@@ -71,17 +71,52 @@ from AnomalyDiffusionLib.phantom import (
 )
 from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model
 
-#: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None). Bundles up to 3.0 were
-#: chosen on a wider z grid (8 … 40, no growth or growth 6 … 10); for 3.1 it is the z values that
-#: matter on a healthy case, crossed with the gates and growth levels that set a found lesion's extent
-#: (each rule costs a labelmap per case, so the grid stays near 64 rules).
+#: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None, FLAIR-assisted seed
+#: (map z, FLAIR z) or None, FLAIR bias-removal scale in model pixels or None). Bundles up to 3.0 were
+#: chosen on a wider z grid (8 … 40, no growth or growth 6 … 10), 3.1 on z 20 … 40 × gate × growth
+#: 2 … 6; for 3.2 the second kind of seed and the bias-freed FLAIR were added, around the z, gates and
+#: growth levels that mattered (each rule costs a labelmap per case, about 0.1 s).
+SEEDS = (None, (4.0, 5.0), (8.0, 4.0), (8.0, 5.0), (16.0, 4.0))
 RULES = tuple(
-    (z, g, grow) for z in (20.0, 26.0, 32.0, 40.0) for g in (None, 0.5, 1.0, 1.5) for grow in (2.0, 3.0, 4.0, 6.0)
+    (z, g, grow, seed, bias)
+    for z in (26.0, 32.0, 40.0)
+    for g in (0.5, 1.0, 1.5)
+    for grow in (2.0, 3.0)
+    for seed in SEEDS
+    for bias in (None, 8.0)
 )
 
 
-def rule_key(z: float, hyper: float | None, grow: float | None = None) -> str:
-    return f"{z}|{'none' if hyper is None else hyper}|{'none' if grow is None else grow}"
+def rule_key(
+    z: float,
+    hyper: float | None,
+    grow: float | None = None,
+    seed: tuple[float, float] | None = None,
+    bias: float | None = None,
+) -> str:
+    def part(v) -> str:
+        return "none" if v is None else str(v)
+
+    seed_part = "none" if seed is None else f"{seed[0]}/{seed[1]}"
+    return f"{z}|{part(hyper)}|{part(grow)}|{seed_part}|{part(bias)}"
+
+
+def parse_rule_key(key: str) -> dict:
+    """The rule of :func:`rule_key` as the keyword arguments of ``volume_segmentation`` (and ``z``)."""
+    z, hyper, grow, seed, bias = key.split("|")
+
+    def num(v: str) -> float | None:
+        return None if v == "none" else float(v)
+
+    seed_map, seed_flair = (None, None) if seed == "none" else (float(v) for v in seed.split("/"))
+    return {
+        "z": float(z),
+        "hyper_z": num(hyper),
+        "grow_z": num(grow),
+        "seed_map_z": seed_map,
+        "seed_flair_z": seed_flair,
+        "flair_bias_px": num(bias),
+    }
 
 
 @dataclass(frozen=True)
@@ -190,11 +225,12 @@ def evaluate_case(c: DevCase, bundle, rules: tuple = RULES, cache: Path | None =
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     seconds = data["seconds"]
     rows = {}
-    for z, hyper, grow in rules:
-        seg, info = volume_segmentation(fwd, cal, z, flair=flair, hyper_z=hyper, grow_z=grow)
+    for rule in rules:
+        kw = parse_rule_key(rule_key(*rule))
+        seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
         _, lab = labelmap_from_model(case, seg.masks, data["indices"], data["fit"])
         m = volume_level(lab > 0, truth, voxel_ml)
-        rows[rule_key(z, hyper, grow)] = {
+        rows[rule_key(*rule)] = {
             "dice": round(m["dice"], 4),
             "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
             "false_positive_ml": round(m["false_positive_ml"], 3),
@@ -226,33 +262,51 @@ def case_score(rec: dict, key: str, healthy_ml: float) -> float:
 
 def choose(records: list[dict], healthy_ml: float) -> dict:
     """The rule with the best mean case score (:func:`case_score`) over all development cases, so a
-    lesion case and a healthy case weigh alike; ties go to the larger z (fewer false alarms)."""
+    lesion case and a healthy case weigh alike; ties go to the larger z (fewer false alarms), then to
+    the simpler rule (no FLAIR-assisted seed, no bias removal), then to the stricter seed."""
     table = []
     for key in [rule_key(*r) for r in RULES]:
         les = [r["z"][key]["dice"] for r in records if not r["healthy"]]
         fp = [r["z"][key]["volume_ml"] for r in records if r["healthy"]]
-        z, hyper, grow = key.split("|")
+        kw = parse_rule_key(key)
         table.append(
             {
-                "z": float(z),
-                "flair_hyper_z": None if hyper == "none" else float(hyper),
-                "grow_z": None if grow == "none" else float(grow),
+                "z": kw["z"],
+                "flair_hyper_z": kw["hyper_z"],
+                "grow_z": kw["grow_z"],
+                "seed_map_z": kw["seed_map_z"],
+                "seed_flair_z": kw["seed_flair_z"],
+                "flair_bias_px": kw["flair_bias_px"],
                 "score": float(np.mean([case_score(r, key, healthy_ml) for r in records])),
                 "mean_dice": float(np.mean(les)) if les else None,
                 "min_dice": float(np.min(les)) if les else None,
                 "max_healthy_ml": float(np.max(fp)) if fp else 0.0,
             }
         )
-    best = max(table, key=lambda t: (round(t["score"], 6), t["z"]))
+    best = max(
+        table,
+        key=lambda t: (
+            round(t["score"], 6),
+            t["z"],
+            t["seed_map_z"] is None,
+            t["flair_bias_px"] is None,
+            t["seed_flair_z"] or 0.0,
+            t["seed_map_z"] or 0.0,
+        ),
+    )
     return {
-        "z": best["z"],
-        "flair_hyper_z": best["flair_hyper_z"],
-        "grow_z": best["grow_z"],
+        **{k: best[k] for k in ("z", "flair_hyper_z", "grow_z", "seed_map_z", "seed_flair_z", "flair_bias_px")},
         "score": best["score"],
         "mean_dice": best["mean_dice"],
         "rule": f"best mean case score (lesion: DICE; healthy: 1 - mL / {healthy_ml})",
         "table": table,
     }
+
+
+def seed_text(choice: dict) -> str:
+    if choice["seed_map_z"] is None:
+        return "none"
+    return f"map z {choice['seed_map_z']} & FLAIR z {choice['seed_flair_z']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         rec = evaluate_case(c, bundle, cache=args.out / f"{c.seed}.pkl")
         rec["bundle_sha256"] = bundle.sha256
         path.write_text(json.dumps(rec, indent=1))
-        summary = {k: (v["dice"], v["volume_ml"]) for k, v in rec["z"].items() if k.endswith("|none")}
-        print(f"    {rec['seconds']:.0f} s, truth {rec['truth_ml']} mL, (dice, mL) per z|gate: {summary}", flush=True)
+        summary = {k: (v["dice"], v["volume_ml"]) for k, v in rec["z"].items() if k.endswith("|none|none")}
+        print(
+            f"    {rec['seconds']:.0f} s, truth {rec['truth_ml']} mL, (dice, mL) per z|gate|grow without the "
+            f"FLAIR-assisted seed: {summary}",
+            flush=True,
+        )
         records.append(rec)
     result = choose(records, args.healthy_ml)
     result["cases"] = [r["seed"] for r in records]
@@ -296,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "choice.json").write_text(json.dumps(result, indent=1))
     les = [r for r in records if not r["healthy"]]
     healthy = [r for r in records if r["healthy"]]
-    key = rule_key(result["z"], result["flair_hyper_z"], result["grow_z"])
+    seed = None if result["seed_map_z"] is None else (result["seed_map_z"], result["seed_flair_z"])
+    key = rule_key(result["z"], result["flair_hyper_z"], result["grow_z"], seed, result["flair_bias_px"])
     seeds = f"seeds {min(r['seed'] for r in records)}-{max(r['seed'] for r in records)}"
     # the card's record of what the rule was chosen on: development data, not an evaluation
     metrics = {
@@ -312,15 +371,21 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     (args.out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
-    print("    z  gate  grow  score  mean DICE  min DICE  max healthy mL")
+    print("    z  gate  grow      seed  bias  score  mean DICE  min DICE  max healthy mL")
+
+    def fmt(v: float | None) -> str:
+        return "none" if v is None else f"{v:.1f}"
+
     for t in result["table"]:
-        gate = "none" if t["flair_hyper_z"] is None else f"{t['flair_hyper_z']:.1f}"
-        grow = "none" if t["grow_z"] is None else f"{t['grow_z']:.1f}"
+        seed = "none" if t["seed_map_z"] is None else f"{t['seed_map_z']:.0f}/{t['seed_flair_z']:.1f}"
         print(
-            f"{t['z']:5.1f} {gate:>5} {grow:>5} {t['score']:6.3f} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} "
-            f"{t['max_healthy_ml']:10.2f}"
+            f"{t['z']:5.1f} {fmt(t['flair_hyper_z']):>5} {fmt(t['grow_z']):>5} {seed:>9} {fmt(t['flair_bias_px']):>5} "
+            f"{t['score']:6.3f} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} {t['max_healthy_ml']:10.2f}"
         )
-    print(f"chosen: z {result['z']}, FLAIR gate {result['flair_hyper_z']}, grow {result['grow_z']} ({result['rule']})")
+    print(
+        f"chosen: z {result['z']}, FLAIR gate {result['flair_hyper_z']}, grow {result['grow_z']}, FLAIR-assisted seed "
+        f"{seed_text(result)}, FLAIR bias removal {result['flair_bias_px']} px ({result['rule']})"
+    )
     return 0
 
 

@@ -126,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         "reach --volume-z (chosen with training/choose_volume_z.py; default: one level)",
     )
     p.add_argument(
+        "--volume-seed",
+        type=float,
+        nargs=2,
+        metavar=("MAP_Z", "FLAIR_Z"),
+        default=None,
+        help="volume calibration: FLAIR-assisted seeds, pixels whose map passes MAP_Z (between --volume-grow-z "
+        "and --volume-z) while their FLAIR is FLAIR_Z robust SDs above the brain (chosen with "
+        "training/choose_volume_z.py; default: map seeds only)",
+    )
+    p.add_argument(
+        "--volume-flair-bias-px",
+        type=float,
+        default=None,
+        help="volume calibration: remove the FLAIR's smooth background (Gaussian of this many model pixels) "
+        "before the FLAIR gate and seeds (default: the case's global brain median)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -206,6 +223,19 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(args.volume_flair_z):
                 raise AnomalyDiffusionError(f"--volume-flair-z must be a number, not {args.volume_flair_z}")
             manifest["pipeline"]["volume_flair_z"] = float(args.volume_flair_z)
+        if args.volume_seed is not None:
+            map_z, flair_z = (float(v) for v in args.volume_seed)
+            grow, top = manifest["pipeline"].get("volume_grow_z"), manifest["pipeline"].get("volume_z")
+            ordered = grow is not None and top is not None and grow <= map_z <= top
+            if not (np.isfinite(map_z) and np.isfinite(flair_z) and ordered):
+                raise AnomalyDiffusionError(
+                    "--volume-seed MAP_Z FLAIR_Z needs --volume-z and --volume-grow-z, with MAP_Z between them"
+                )
+            manifest["pipeline"].update(volume_seed_map_z=map_z, volume_seed_flair_z=flair_z)
+        if args.volume_flair_bias_px is not None:
+            if not np.isfinite(args.volume_flair_bias_px) or args.volume_flair_bias_px <= 0:
+                raise AnomalyDiffusionError(f"--volume-flair-bias-px must be positive, not {args.volume_flair_bias_px}")
+            manifest["pipeline"]["volume_flair_bias_px"] = float(args.volume_flair_bias_px)
         weights: dict = {}
         modalities = None
         slice_size = None

@@ -154,14 +154,20 @@ class AnoFPDM:
             )
             segs = {"bundle": segment(res, cal)}
             if gate == "none":  # the volume level needs every brain slice's forward process
-                hyper, grow = pipe.get("volume_flair_z"), pipe.get("volume_grow_z")  # optional
+
+                def opt_float(key: str) -> float | None:  # the rule's optional parts
+                    return None if pipe.get(key) is None else float(pipe[key])
+
                 segs["volume"], vol_info = volume_segmentation(
                     res,
                     cal,
                     float(pipe.get("volume_z", DEFAULT_Z)),
                     flair=inp.images[sel][:, b.modalities.index("flair")],
-                    hyper_z=None if hyper is None else float(hyper),
-                    grow_z=None if grow is None else float(grow),
+                    hyper_z=opt_float("volume_flair_z"),
+                    grow_z=opt_float("volume_grow_z"),
+                    seed_map_z=opt_float("volume_seed_map_z"),
+                    seed_flair_z=opt_float("volume_seed_flair_z"),
+                    flair_bias_px=opt_float("volume_flair_bias_px"),
                 )
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running

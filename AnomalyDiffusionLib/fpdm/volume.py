@@ -1,7 +1,8 @@
 """AnoFPDM's per-volume decision (beyond the paper, which decides per slice with dataset-level
 thresholds): the case's own pixel population sets the level (:mod:`~AnomalyDiffusionLib.selfcal`).
 The rule's parameters are chosen on development phantoms by ``training/choose_volume_z.py`` and
-stored in a bundle's ``pipeline`` block (``volume_z``, ``volume_flair_z``, ``volume_grow_z``).
+stored in a bundle's ``pipeline`` block (``volume_z``, ``volume_flair_z``, ``volume_grow_z``,
+``volume_seed_map_z``, ``volume_seed_flair_z``, ``volume_flair_bias_px``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..selfcal import pixel_level, robust_standardise
+from ..selfcal import local_standardise, pixel_level, robust_standardise
 from .decision import Calibration, Segmentation, remove_small_components, segment
 from .forward import ForwardResult
 
@@ -21,6 +22,9 @@ def volume_segmentation(
     flair: np.ndarray | None = None,
     hyper_z: float | None = None,
     grow_z: float | None = None,
+    seed_map_z: float | None = None,
+    seed_flair_z: float | None = None,
+    flair_bias_px: float | None = None,
 ) -> tuple[Segmentation, dict]:
     """AnoFPDM masks with the per-volume calibration (:mod:`~AnomalyDiffusionLib.selfcal`): the filtered
     map thresholded at the case's own robust level (median + z · 1.4826 · MAD over all its brain
@@ -34,10 +38,26 @@ def volume_segmentation(
     FLAIR-hyperintense: its FLAIR at least ``hyper_z`` robust SDs above the case's brain median
     (:func:`~AnomalyDiffusionLib.selfcal.robust_standardise`). The lesions this targets are bright on
     FLAIR, while much of the map's tail on a healthy case lies on dark CSF and tissue edges.
+    With ``flair_bias_px`` the FLAIR is first freed of its smooth background
+    (:func:`~AnomalyDiffusionLib.selfcal.local_standardise`, a Gaussian of that many model pixels), so
+    a bias field does not pass the gate over a whole lobe.
+
+    ``seed_map_z`` and ``seed_flair_z`` (with ``grow_z`` ≤ ``seed_map_z`` ≤ ``z``) add a second kind
+    of seed: a pixel whose map passes the lower level ``seed_map_z`` while its FLAIR is at least
+    ``seed_flair_z`` robust SDs above the brain median (above its surroundings with
+    ``flair_bias_px``). Small lesions raise the map less than large ones (the
+    64² map and its median filter spread them), so the model's evidence alone misses them; required
+    together, two independent weak signals find them without seeding a healthy case's bright spots.
     Components smaller than the small-component size are dropped per slice at the end. Returns
     (Segmentation, info)."""
     if grow_z is not None and grow_z > z:
         raise ValueError(f"grow_z ({grow_z}) must not exceed z ({z})")
+    if (seed_map_z is None) != (seed_flair_z is None):
+        raise ValueError("seed_map_z and seed_flair_z go together")
+    if seed_map_z is not None and (grow_z is None or not grow_z <= seed_map_z <= z):
+        raise ValueError(f"seed_map_z ({seed_map_z}) needs grow_z <= seed_map_z <= z (grow_z {grow_z}, z {z})")
+    if seed_map_z is not None and flair is None:
+        raise ValueError("FLAIR-assisted seeds (seed_map_z, seed_flair_z) need the FLAIR slices")
     seg = segment(res, cal, classify=False, level=np.inf)  # the filtered maps; masks follow below
     maps = seg.maps
     fg = res.foreground if res.foreground is not None else np.ones(maps.shape, bool)
@@ -50,12 +70,22 @@ def volume_segmentation(
         raw &= res.foreground
     masks: np.ndarray = np.stack([remove_small_components(m, min_px) for m in raw]) if len(raw) else raw
     seg.thresholds[:] = low
-    if hyper_z is not None and flair is not None:
-        masks = masks & (robust_standardise(flair, fg) >= hyper_z)
+    flair_z = None
+    if flair is not None and (hyper_z is not None or seed_flair_z is not None):
+        if flair_bias_px is None:
+            flair_z = robust_standardise(flair, fg)
+        else:
+            flair_z = local_standardise(flair, fg, flair_bias_px)
+    if hyper_z is not None and flair_z is not None:
+        masks = masks & (flair_z >= hyper_z)
     if grow_z is not None:
+        seeds = maps >= level
+        if seed_map_z is not None and seed_flair_z is not None and flair_z is not None:
+            seed_level = pixel_level(maps, fg, seed_map_z)
+            seeds = seeds | ((maps >= seed_level) & (flair_z >= seed_flair_z))
         lab, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
         seeded = np.zeros(n + 1, bool)
-        seeded[np.unique(lab[masks & (maps >= level)])] = True
+        seeded[np.unique(lab[masks & seeds])] = True
         seeded[0] = False
         masks = np.asarray(seeded[lab], bool)
     seg.masks = np.stack([remove_small_components(m, min_px) for m in masks]) if len(masks) else masks
@@ -65,4 +95,8 @@ def volume_segmentation(
         info.update(grow_z=float(grow_z), grow_level=low)
     if hyper_z is not None:
         info["flair_hyper_z"] = float(hyper_z)
+    if seed_map_z is not None and seed_flair_z is not None:
+        info.update(seed_map_z=float(seed_map_z), seed_flair_z=float(seed_flair_z))
+    if flair_bias_px is not None:
+        info["flair_bias_px"] = float(flair_bias_px)
     return seg, info

@@ -20,7 +20,11 @@ cases. A bundle may add a FLAIR-hyperintensity gate (``pipeline.volume_flair_z``
 also be that many robust SDs above the case's brain median on FLAIR
 (:func:`robust_standardise`). The anomaly map's tail on a healthy case lies mostly on dark CSF and
 tissue edges, the lesions the product targets are bright on FLAIR, and the gate is as
-scanner-independent as the level itself.
+scanner-independent as the level itself. A bundle may also let a pixel whose map passes only a
+lower level seed a region when its FLAIR is far above its surroundings
+(``pipeline.volume_seed_map_z`` / ``volume_seed_flair_z``, the FLAIR freed of its smooth background
+by :func:`local_standardise` with ``pipeline.volume_flair_bias_px``, so a bias field does not seed a
+whole bright lobe; see :func:`~AnomalyDiffusionLib.fpdm.volume_segmentation`).
 
 :func:`robust_z` gives the same kind of case-relative score per slice (after a robust regression on
 brain area and position) and turns AnoDODE's bpd into ``dode_z``.
@@ -70,14 +74,14 @@ def local_standardise(values: np.ndarray, foreground: np.ndarray, sigma_px: floa
     (a normalised convolution over the ``foreground`` [K, S, S] only, so the dark outside does not
     pull the rim down). A bias field that varies over a scale well above ``sigma_px`` moves the
     background with the tissue and drops out, while a lesion much smaller than it stands out; a
-    global robust z would instead call a whole bright-biased lobe hyperintense."""
+    global robust z would instead call a whole bright-biased lobe hyperintense. A lesion as large as
+    the kernel raises its own background, so this suits small, sharp outliers, not a lesion's extent."""
     v = np.asarray(values, np.float64)
     fg = np.asarray(foreground, bool)
     sig = (0.0, float(sigma_px), float(sigma_px))
     weight = ndimage.gaussian_filter(fg.astype(np.float64), sig, mode="constant")
     total = ndimage.gaussian_filter(np.where(fg, v, 0.0), sig, mode="constant")
-    background = total / np.maximum(weight, 1e-6)
-    return robust_standardise(v - background, fg)
+    return robust_standardise(v - total / np.maximum(weight, 1e-6), fg)
 
 
 def slice_covariates(brain_area: np.ndarray, position: np.ndarray) -> np.ndarray:

@@ -317,6 +317,28 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
     assert swapped.manifest["dode"] == old["dode"] and sorted(swapped.methods) == ["dode", "fpdm"]
 
 
+def test_make_bundle_writes_the_flair_assisted_seed_rule_and_refuses_it_out_of_order(tmp_path, tiny):
+    """--volume-seed MAP_Z FLAIR_Z lands in the pipeline block with --volume-flair-bias-px; a map level
+    outside [--volume-grow-z, --volume-z], or no growth at all, is refused before anything is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    base = [sys.executable, str(script), "--from", str(tiny), "--calibration", "volume", "--volume-z", "32"]
+    out = tmp_path / "seeded"
+    argv = [*base, "--volume-grow-z", "3", "--volume-seed", "8", "5", "--volume-flair-bias-px", "8", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pipe = open_bundle(out).manifest["pipeline"]
+    assert (pipe["volume_seed_map_z"], pipe["volume_seed_flair_z"], pipe["volume_flair_bias_px"]) == (8.0, 5.0, 8.0)
+    for extra in (["--volume-grow-z", "3", "--volume-seed", "40", "5"], ["--volume-seed", "8", "5"]):
+        bad = tmp_path / "bad"
+        done = subprocess.run([*base, *extra, "--out", str(bad)], capture_output=True, text=True)
+        assert done.returncode != 0 and "--volume-seed MAP_Z FLAIR_Z needs" in done.stderr
+        assert not bad.exists()
+
+
 def test_make_bundle_writes_a_verified_monai_style_card(tmp_path, tiny, capsys):
     """configs/metadata.json (MONAI's metadata keys) and docs/README.md are written, listed with
     their sha256 and verified like the weights; ``bundle info`` prints the card."""

@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--volume-flair-bias-px",
         type=float,
         default=None,
-        help="volume calibration: remove the FLAIR's smooth background (Gaussian of this many model pixels) "
-        "before the FLAIR gate and seeds (default: the case's global brain median)",
+        help="volume calibration: the FLAIR-assisted seeds compare FLAIR with its surroundings, the smooth "
+        "background (Gaussian of this many model pixels) removed (default: with the case's brain median)",
     )
     p.add_argument(
         "--default-methods",

@@ -38,16 +38,17 @@ def volume_segmentation(
     FLAIR-hyperintense: its FLAIR at least ``hyper_z`` robust SDs above the case's brain median
     (:func:`~AnomalyDiffusionLib.selfcal.robust_standardise`). The lesions this targets are bright on
     FLAIR, while much of the map's tail on a healthy case lies on dark CSF and tissue edges.
-    With ``flair_bias_px`` the FLAIR is first freed of its smooth background
-    (:func:`~AnomalyDiffusionLib.selfcal.local_standardise`, a Gaussian of that many model pixels), so
-    a bias field does not pass the gate over a whole lobe.
 
     ``seed_map_z`` and ``seed_flair_z`` (with ``grow_z`` ≤ ``seed_map_z`` ≤ ``z``) add a second kind
     of seed: a pixel whose map passes the lower level ``seed_map_z`` while its FLAIR is at least
-    ``seed_flair_z`` robust SDs above the brain median (above its surroundings with
-    ``flair_bias_px``). Small lesions raise the map less than large ones (the
-    64² map and its median filter spread them), so the model's evidence alone misses them; required
-    together, two independent weak signals find them without seeding a healthy case's bright spots.
+    ``seed_flair_z`` robust SDs above the brain median, or with ``flair_bias_px`` above its own
+    surroundings (:func:`~AnomalyDiffusionLib.selfcal.local_standardise`, the FLAIR freed of its smooth
+    background, a Gaussian of that many model pixels, so a bias field does not seed a whole bright
+    lobe). Small lesions raise the map less than large ones (the 64² map and its median filter spread
+    them), so the model's evidence alone misses them; required together, two independent weak signals
+    find them without seeding a healthy case's bright spots. The gate stays relative to the whole
+    brain: relative to its surroundings, a large, mildly bright lesion raises its own background and
+    loses its centre.
     Components smaller than the small-component size are dropped per slice at the end. Returns
     (Segmentation, info)."""
     if grow_z is not None and grow_z > z:
@@ -70,19 +71,16 @@ def volume_segmentation(
         raw &= res.foreground
     masks: np.ndarray = np.stack([remove_small_components(m, min_px) for m in raw]) if len(raw) else raw
     seg.thresholds[:] = low
-    flair_z = None
-    if flair is not None and (hyper_z is not None or seed_flair_z is not None):
-        if flair_bias_px is None:
-            flair_z = robust_standardise(flair, fg)
-        else:
-            flair_z = local_standardise(flair, fg, flair_bias_px)
-    if hyper_z is not None and flair_z is not None:
-        masks = masks & (flair_z >= hyper_z)
+    if hyper_z is not None and flair is not None:
+        masks = masks & (robust_standardise(flair, fg) >= hyper_z)
     if grow_z is not None:
         seeds = maps >= level
-        if seed_map_z is not None and seed_flair_z is not None and flair_z is not None:
-            seed_level = pixel_level(maps, fg, seed_map_z)
-            seeds = seeds | ((maps >= seed_level) & (flair_z >= seed_flair_z))
+        if seed_map_z is not None and seed_flair_z is not None and flair is not None:
+            if flair_bias_px is None:
+                seed_flair = robust_standardise(flair, fg)
+            else:
+                seed_flair = local_standardise(flair, fg, flair_bias_px)
+            seeds = seeds | ((maps >= pixel_level(maps, fg, seed_map_z)) & (seed_flair >= seed_flair_z))
         lab, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
         seeded = np.zeros(n + 1, bool)
         seeded[np.unique(lab[masks & seeds])] = True

@@ -206,7 +206,22 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
             ),
             "volume_seed_map_z must lie between pipeline.volume_grow_z and volume_z",
         ),
-        (lambda m: m.update(pipeline={"volume_flair_bias_px": 0}), "volume_flair_bias_px: 0 is less than or equal"),
+        (
+            lambda m: m.update(
+                pipeline={
+                    "volume_z": 32.0,
+                    "volume_grow_z": 3.0,
+                    "volume_seed_map_z": 8.0,
+                    "volume_seed_flair_z": 5.0,
+                    "volume_flair_bias_px": 0,
+                }
+            ),
+            "volume_flair_bias_px: 0 is less than or equal",
+        ),
+        (
+            lambda m: m.update(pipeline={"volume_flair_bias_px": 8.0}),
+            "'volume_seed_map_z' is a dependency of 'volume_flair_bias_px'",
+        ),
         (lambda m: m.update(methods=["fpdm", "magic"]), "method 'magic' has no 'magic' section"),
         (lambda m: m["fpdm"]["calibration"].pop("cos_threshold"), "fpdm.calibration lacks 'cos_threshold'"),
         (lambda m: m["fpdm"]["calibration"].update(cos_threshold=2), "cos_threshold: 2 is greater than the maximum"),

@@ -259,5 +259,7 @@ def test_flair_assisted_seeds_find_a_weak_bright_region_and_nothing_else():
         volume_segmentation(fwd, cal, 200.0, seed_map_z=20.0, **kw)
     with pytest.raises(ValueError, match="grow_z <= seed_map_z <= z"):
         volume_segmentation(fwd, cal, 200.0, seed_map_z=5.0, seed_flair_z=3.0, **kw)
+    with pytest.raises(ValueError, match="seeds only"):
+        volume_segmentation(fwd, cal, 200.0, flair_bias_px=8.0, **kw)
     with pytest.raises(ValueError, match="need the FLAIR"):
         volume_segmentation(fwd, cal, 200.0, grow_z=10.0, seed_map_z=20.0, seed_flair_z=3.0)

@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             manifest["pipeline"].update(volume_seed_map_z=map_z, volume_seed_flair_z=flair_z)
         if args.volume_flair_bias_px is not None:
+            if args.volume_seed is None:
+                raise AnomalyDiffusionError("--volume-flair-bias-px applies to the --volume-seed seeds only")
             if not np.isfinite(args.volume_flair_bias_px) or args.volume_flair_bias_px <= 0:
                 raise AnomalyDiffusionError(f"--volume-flair-bias-px must be positive, not {args.volume_flair_bias_px}")
             manifest["pipeline"]["volume_flair_bias_px"] = float(args.volume_flair_bias_px)

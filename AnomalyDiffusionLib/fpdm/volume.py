@@ -57,6 +57,8 @@ def volume_segmentation(
         raise ValueError("seed_map_z and seed_flair_z go together")
     if seed_map_z is not None and (grow_z is None or not grow_z <= seed_map_z <= z):
         raise ValueError(f"seed_map_z ({seed_map_z}) needs grow_z <= seed_map_z <= z (grow_z {grow_z}, z {z})")
+    if flair_bias_px is not None and seed_map_z is None:
+        raise ValueError("flair_bias_px applies to the FLAIR-assisted seeds only: give seed_map_z and seed_flair_z")
     if seed_map_z is not None and flair is None:
         raise ValueError("FLAIR-assisted seeds (seed_map_z, seed_flair_z) need the FLAIR slices")
     seg = segment(res, cal, classify=False, level=np.inf)  # the filtered maps; masks follow below

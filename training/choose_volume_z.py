@@ -117,21 +117,21 @@ def rule_key(
     return f"{z}|{part(hyper)}|{part(grow)}|{seed_part}|{part(bias)}"
 
 
-def parse_rule_key(key: str) -> dict:
-    """The rule of :func:`rule_key` as the keyword arguments of ``volume_segmentation`` (and ``z``)."""
-    z, hyper, grow, seed, bias = key.split("|")
-
-    def num(v: str) -> float | None:
-        return None if v == "none" else float(v)
-
-    seed_map, seed_flair = (None, None) if seed == "none" else (float(v) for v in seed.split("/"))
+def rule_kwargs(
+    z: float,
+    hyper: float | None,
+    grow: float | None = None,
+    seed: tuple[float, float] | None = None,
+    bias: float | None = None,
+) -> dict:
+    """A rule of :data:`RULES` as ``volume_segmentation``'s keyword arguments (and ``z``)."""
     return {
-        "z": float(z),
-        "hyper_z": num(hyper),
-        "grow_z": num(grow),
-        "seed_map_z": seed_map,
-        "seed_flair_z": seed_flair,
-        "flair_bias_px": num(bias),
+        "z": z,
+        "hyper_z": hyper,
+        "grow_z": grow,
+        "seed_map_z": None if seed is None else seed[0],
+        "seed_flair_z": None if seed is None else seed[1],
+        "flair_bias_px": bias,
     }
 
 
@@ -242,7 +242,7 @@ def evaluate_case(c: DevCase, bundle, rules: tuple = RULES, cache: Path | None =
     seconds = data["seconds"]
     rows = {}
     for rule in rules:
-        kw = parse_rule_key(rule_key(*rule))
+        kw = rule_kwargs(*rule)
         seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
         _, lab = labelmap_from_model(case, seg.masks, data["indices"], data["fit"])
         m = volume_level(lab > 0, truth, voxel_ml)
@@ -281,12 +281,14 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
     lesion case and a healthy case weigh alike; ties go to the larger z (fewer false alarms), then to
     the simpler rule (no FLAIR-assisted seed, no bias removal), then to the stricter seed."""
     table = []
-    for key in [rule_key(*r) for r in RULES]:
+    for rule in RULES:
+        key = rule_key(*rule)
         les = [r["z"][key]["dice"] for r in records if not r["healthy"]]
         fp = [r["z"][key]["volume_ml"] for r in records if r["healthy"]]
-        kw = parse_rule_key(key)
+        kw = rule_kwargs(*rule)
         table.append(
             {
+                "key": key,
                 "z": kw["z"],
                 "flair_hyper_z": kw["hyper_z"],
                 "grow_z": kw["grow_z"],
@@ -311,7 +313,7 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
         ),
     )
     return {
-        **{k: best[k] for k in ("z", "flair_hyper_z", "grow_z", "seed_map_z", "seed_flair_z", "flair_bias_px")},
+        **{k: best[k] for k in ("key", "z", "flair_hyper_z", "grow_z", "seed_map_z", "seed_flair_z", "flair_bias_px")},
         "score": best["score"],
         "mean_dice": best["mean_dice"],
         "rule": f"best mean case score (lesion: DICE; healthy: 1 - mL / {healthy_ml})",
@@ -370,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "choice.json").write_text(json.dumps(result, indent=1))
     les = [r for r in records if not r["healthy"]]
     healthy = [r for r in records if r["healthy"]]
-    seed = None if result["seed_map_z"] is None else (result["seed_map_z"], result["seed_flair_z"])
-    key = rule_key(result["z"], result["flair_hyper_z"], result["grow_z"], seed, result["flair_bias_px"])
+    key = result["key"]
     seeds = f"seeds {min(r['seed'] for r in records)}-{max(r['seed'] for r in records)}"
     # the card's record of what the rule was chosen on: development data, not an evaluation
     metrics = {

@@ -73,15 +73,14 @@ def volume_segmentation(
         raw &= res.foreground
     masks: np.ndarray = np.stack([remove_small_components(m, min_px) for m in raw]) if len(raw) else raw
     seg.thresholds[:] = low
-    if hyper_z is not None and flair is not None:
-        masks = masks & (robust_standardise(flair, fg) >= hyper_z)
+    # the case's FLAIR in robust SDs of its brain: computed once for the gate and the seeds that use it
+    flair_z = None if flair is None or (hyper_z is None and seed_map_z is None) else robust_standardise(flair, fg)
+    if hyper_z is not None and flair_z is not None:
+        masks = masks & (flair_z >= hyper_z)
     if grow_z is not None:
         seeds = maps >= level
-        if seed_map_z is not None and seed_flair_z is not None and flair is not None:
-            if flair_bias_px is None:
-                seed_flair = robust_standardise(flair, fg)
-            else:
-                seed_flair = local_standardise(flair, fg, flair_bias_px)
+        if seed_map_z is not None and seed_flair_z is not None and flair is not None and flair_z is not None:
+            seed_flair = flair_z if flair_bias_px is None else local_standardise(flair, fg, flair_bias_px)
             seeds = seeds | ((maps >= pixel_level(maps, fg, seed_map_z)) & (seed_flair >= seed_flair_z))
         lab, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
         seeded = np.zeros(n + 1, bool)

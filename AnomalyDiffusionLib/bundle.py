@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import itertools
 import json
 import logging
 import math
@@ -54,7 +55,8 @@ from .errors import AnomalyDiffusionError
 log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-diffusion-bundle"
-FORMAT_VERSION = "1.1"  # 1.1: pipeline.volume_seed_*, volume_flair_bias_px
+#: 1.1: pipeline.volume_seed_*, volume_flair_bias_px; 1.2: intensity_reference, pipeline.intensity
+FORMAT_VERSION = "1.2"
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 
@@ -160,6 +162,19 @@ def validate_manifest(m: object) -> dict:
         raise BundleError("manifest: pipeline.volume_grow_z must not exceed pipeline.volume_z")
     if "volume_seed_map_z" in pipe and not pipe["volume_grow_z"] <= pipe["volume_seed_map_z"] <= top:
         raise BundleError("manifest: pipeline.volume_seed_map_z must lie between pipeline.volume_grow_z and volume_z")
+    if pipe.get("intensity") == "landmarks" and "intensity_reference" not in m:
+        raise BundleError("manifest: pipeline.intensity 'landmarks' needs an intensity_reference")
+    if "intensity_reference" in m:
+        ref = m["intensity_reference"]
+        missing = [x for x in m["modalities"] if x not in ref["modalities"]]
+        if missing:
+            raise BundleError(f"manifest: intensity_reference has no landmarks for {', '.join(missing)}")
+        # the schema bounds each number; the piecewise-linear map also needs them in increasing order
+        # (AnomalyDiffusionLib.intensity, which the method side imports: this module reads bytes and schema)
+        for what, seq in [("percentiles", ref["percentiles"]), *ref["modalities"].items()]:
+            n = len(ref["percentiles"])
+            if (what != "percentiles" and len(seq) != n) or any(b <= a for a, b in itertools.pairwise(seq)):
+                raise BundleError(f"manifest: intensity_reference: {what} must be {n} increasing values")
     for name in m["files"]:
         _safe_member(name)
     return m

@@ -51,8 +51,14 @@ def metadata(
             "value_range": [-1, 1],
             "is_patch_data": False,
             "channel_def": channels,
-            "preprocessing": "each modality scaled to [-1, 1] on the case's brain mask (99th percentile), "
-            "background -1; axial slices fitted to the slice size (AnomalyDiffusionLib.volumes)",
+            "preprocessing": "each modality scaled to [-1, 1] on the case's brain mask (99th percentile"
+            + (
+                "; by default its brain percentiles are first mapped onto the training data's landmarks, "
+                "AnomalyDiffusionLib.intensity"
+                if (manifest.get("pipeline") or {}).get("intensity") == "landmarks"
+                else ""
+            )
+            + "), background -1; axial slices fitted to the slice size (AnomalyDiffusionLib.volumes)",
         }
     }
     outputs: dict = {}

@@ -110,6 +110,18 @@ class DetectOptions:
         "case's own slices (volume); default: the bundle's",
         choices=("bundle", "volume"),
     )
+    #: how each modality's intensities are scaled before the models see them: "percentile" (the
+    #: papers: divide by the brain's 99th percentile) | "landmarks" (then map the case's brain
+    #: percentiles onto the bundle's training data, :mod:`~AnomalyDiffusionLib.intensity`); None: the
+    #: bundle's default
+    intensity: str | None = option(
+        None,
+        "--intensity",
+        "choice",
+        "intensity scaling: divide by the brain's 99th percentile as the papers do (percentile), or also map the "
+        "case's brain percentiles onto the bundle's training data (landmarks); default: the bundle's",
+        choices=("percentile", "landmarks"),
+    )
     cos_threshold: float | None = option(
         None,
         "--cos-threshold",
@@ -147,7 +159,12 @@ class DetectOptions:
         minimum=1,
         maximum=1024,
     )
-    faithful: bool = option(False, "--faithful", "flag", "paper settings: every step, no early stop, no gating")
+    faithful: bool = option(
+        False,
+        "--faithful",
+        "flag",
+        "paper settings: every step, no early stop, no gating, percentile intensity scaling",
+    )
     slice_range: tuple[int | None, int | None] = option(
         (None, None), "--slices", "range", "canonical axial slice range (inferior = 0)", metavar="START:STOP"
     )

@@ -35,6 +35,7 @@ from . import methods as registry
 from .bundle import Bundle, open_bundle
 from .devices import resolve_device
 from .errors import InputError
+from .intensity import IntensityReference, landmarks
 from .method import MethodResult, SliceInputs
 from .options import DetectOptions  # the options schema; re-exported here
 from .progress import CancelToken, ProgressCallback, report
@@ -74,6 +75,36 @@ def _brain_slices(case: Case, start: int | None, stop: int | None) -> np.ndarray
     if not len(k):
         raise InputError("no brain slices in the requested slice range")
     return k
+
+
+def intensity_mode(b: Bundle, opt: DetectOptions) -> str:
+    """The intensity scaling this run uses: ``--faithful`` → the papers' ``percentile``; else the
+    user's ``--intensity``, else the bundle's ``pipeline.intensity`` (``percentile`` when it has none).
+    ``landmarks`` needs the bundle's ``intensity_reference``."""
+    if opt.faithful:
+        return "percentile"
+    mode = opt.intensity or b.manifest.get("pipeline", {}).get("intensity", "percentile")
+    if mode not in ("percentile", "landmarks"):
+        raise InputError(f"intensity must be 'percentile' or 'landmarks', not {mode!r}")
+    if mode == "landmarks" and "intensity_reference" not in b.manifest:
+        raise InputError(
+            f"bundle '{b.name}' has no intensity reference (training-data landmarks); use --intensity percentile"
+        )
+    return mode
+
+
+def intensity_summary(case: Case, modalities: list[str], mode: str, reference: IntensityReference | None) -> dict:
+    """``summary["intensity"]``: the scaling used and, with landmarks, the case's landmarks beside the
+    reference's (both as fractions of the brain's 99th percentile)."""
+    out: dict = {"mode": mode}
+    if reference is not None:
+        out["percentiles"] = list(reference.percentiles)
+        out["case"] = {
+            m: [round(float(v), 4) for v in landmarks(case.arrays[m], case.mask, reference.percentiles)]
+            for m in modalities
+        }
+        out["reference"] = {m: [round(float(v), 4) for v in reference.values[m]] for m in modalities}
+    return out
 
 
 def slice_positions(case: Case, indices: np.ndarray) -> np.ndarray:
@@ -144,7 +175,11 @@ def detect(
     if cancel is not None:
         cancel.check()
     idx = _brain_slices(case, *opt.slice_range)
-    vol = case.normalised(b.modalities)  # [C, z, y, x]
+    intensity = intensity_mode(b, opt)
+    reference = None
+    if intensity == "landmarks":
+        reference = IntensityReference.from_manifest(b.manifest["intensity_reference"])
+    vol = case.normalised(b.modalities, reference=reference)  # [C, z, y, x]
     fit = PlaneFit.for_case(case, b.slice_size)
     images = fit.to_model(np.moveaxis(vol[:, idx], 1, 0), "image", fill=-1.0)  # [K, C, S, S]
     voxel_mm2 = case.spacing[0] * case.spacing[1]
@@ -223,6 +258,7 @@ def detect(
     timings["total"] = time.perf_counter() - t_all
     summary = _summary(b, case, rows, pos, requested, results, shortcuts, warnings, lesion_ml, timings, device, opt)
     summary["reliability"] = reliability
+    summary["intensity"] = intensity_summary(case, list(b.modalities), intensity, reference)
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,

@@ -31,6 +31,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from .errors import GeometryError, InputError
+from .intensity import LANDMARK_PERCENTILES, IntensityReference, percentile_scale, standardise
 
 log = logging.getLogger(__name__)
 
@@ -308,26 +309,29 @@ def brain_mask(array: np.ndarray, zero_background_fraction: float = 0.05) -> np.
 
 
 def normalise(
-    array: np.ndarray, mask: np.ndarray, percentile: float = 99.0, zero_background: bool = True
+    array: np.ndarray,
+    mask: np.ndarray,
+    percentile: float = 99.0,
+    zero_background: bool = True,
+    reference: Sequence[float] | None = None,
+    landmark_percentiles: Sequence[float] = LANDMARK_PERCENTILES,
 ) -> np.ndarray:
     """Per-subject intensity normalisation of AnoFPDM appendix B, mapped to [-1, 1].
 
     ``v = clip((x − m) / (q − m), 0, 1)`` with ``q`` the ``percentile`` of the foreground voxels and
     ``m = min(0, min foreground)``; the output is ``2v − 1``. For ordinary non-negative MR data
     ``m = 0``, i.e. the paper's "divide by the 99th percentile of foreground voxels", and values above
-    that percentile saturate at +1. With ``zero_background`` voxels outside ``mask`` are set to −1
-    (the value of background in BraTS after this scaling). Returns float32.
+    that percentile saturate at +1. With ``reference`` (the training data's landmarks at
+    ``landmark_percentiles``, :mod:`~AnomalyDiffusionLib.intensity`) the scaled intensities are first
+    mapped piecewise linearly so that the case's landmarks land on the reference's. With
+    ``zero_background`` voxels outside ``mask`` are set to −1 (the value of background in BraTS after
+    this scaling). Returns float32.
     """
-    fg = array[mask]
-    if fg.size == 0:
-        raise InputError("cannot normalise: the foreground mask is empty")
-    m = min(0.0, float(fg.min()))
-    q = float(np.percentile(fg, percentile))
-    if q <= m:
-        raise InputError(
-            f"cannot normalise: the {percentile:g}th percentile of the foreground is not above its minimum"
-        )
-    v = np.clip((array.astype(np.float32) - m) / (q - m), 0.0, 1.0)
+    v = percentile_scale(array, mask, percentile)
+    if reference is not None:
+        marks = np.percentile(v[mask].astype(np.float64), list(landmark_percentiles))
+        v = standardise(v, marks, reference)
+    v = np.clip(v, 0.0, 1.0)
     out = (2.0 * v - 1.0).astype(np.float32)
     if zero_background:
         out[~mask] = -1.0
@@ -361,13 +365,39 @@ class Case:
         z, y, x = self.mask.shape
         return z, y, x
 
-    def normalised(self, modalities: Sequence[str] | None = None, percentile: float = 99.0) -> np.ndarray:
-        """``[C, z, y, x]`` float32 in [-1, 1], each modality normalised on the shared brain mask."""
+    def normalised(
+        self,
+        modalities: Sequence[str] | None = None,
+        percentile: float = 99.0,
+        reference: IntensityReference | None = None,
+    ) -> np.ndarray:
+        """``[C, z, y, x]`` float32 in [-1, 1], each modality normalised on the shared brain mask, and
+        with a ``reference`` standardised to its landmarks (:func:`normalise`)."""
         names = list(modalities) if modalities is not None else self.modalities
         missing = [m for m in names if m not in self.arrays]
         if missing:
             raise InputError(f"missing modality: {', '.join(missing)} (have {', '.join(self.modalities)})")
-        return np.stack([normalise(self.arrays[m], self.mask, percentile) for m in names])
+        if reference is not None:
+            lacking = [m for m in names if m not in reference.values]
+            if lacking:
+                raise InputError(f"the intensity reference has no landmarks for {', '.join(lacking)}")
+            if reference.scale_percentile != percentile:
+                raise InputError(
+                    f"the intensity reference is on the {reference.scale_percentile:g}th percentile's scale, "
+                    f"not the {percentile:g}th"
+                )
+        return np.stack(
+            [
+                normalise(
+                    self.arrays[m],
+                    self.mask,
+                    percentile,
+                    reference=None if reference is None else reference.values[m],
+                    landmark_percentiles=LANDMARK_PERCENTILES if reference is None else reference.percentiles,
+                )
+                for m in names
+            ]
+        )
 
     def to_original(self, canonical: np.ndarray, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
         """Put a canonical ``[z, y, x]`` array back on the reference grid (exact geometry copy)."""

@@ -222,6 +222,21 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
             lambda m: m.update(pipeline={"volume_flair_bias_px": 8.0}),
             "'volume_seed_map_z' is a dependency of 'volume_flair_bias_px'",
         ),
+        (lambda m: m.update(pipeline={"intensity": "landmarks"}), "'landmarks' needs an intensity_reference"),
+        (
+            lambda m: m.update(intensity_reference={"percentiles": [25, 50], "modalities": {"flair": [0.4, 0.6]}}),
+            "intensity_reference has no landmarks for t2",
+        ),
+        (
+            lambda m: m.update(
+                intensity_reference={"percentiles": [25, 50], "modalities": {"flair": [0.6, 0.4], "t2": [0.3, 0.5]}}
+            ),
+            "intensity_reference: flair must be 2 increasing values",
+        ),
+        (
+            lambda m: m.update(intensity_reference={"percentiles": [25, 50], "modalities": {"flair": [0.4, 1.2]}}),
+            r"intensity_reference.modalities.flair\[1\]: 1.2 is greater than or equal to the maximum",
+        ),
         (lambda m: m.update(methods=["fpdm", "magic"]), "method 'magic' has no 'magic' section"),
         (lambda m: m["fpdm"]["calibration"].pop("cos_threshold"), "fpdm.calibration lacks 'cos_threshold'"),
         (lambda m: m["fpdm"]["calibration"].update(cos_threshold=2), "cos_threshold: 2 is greater than the maximum"),
@@ -351,6 +366,41 @@ def test_make_bundle_writes_the_flair_assisted_seed_rule_and_refuses_it_out_of_o
         bad = tmp_path / "bad"
         done = subprocess.run([*base, *extra, "--out", str(bad)], capture_output=True, text=True)
         assert done.returncode != 0 and "--volume-seed MAP_Z FLAIR_Z needs" in done.stderr
+        assert not bad.exists()
+
+
+def test_make_bundle_writes_the_intensity_reference_and_keeps_it_from_its_source(tmp_path, tiny):
+    """--intensity-reference FILE lands in the manifest (the bundle's modalities only) and --intensity
+    landmarks makes it the default; a bundle made --from it keeps the reference; landmarks without a
+    reference, or a reference lacking a modality, are refused before anything is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    ref = tmp_path / "ref.json"
+    marks = {"flair": [0.3, 0.5, 0.6, 0.7], "t2": [0.3, 0.4, 0.5, 0.6], "t1": [0.2, 0.3, 0.4, 0.5]}
+    ref.write_text(json.dumps({"percentiles": [10, 25, 50, 75], "modalities": marks, "data": "unit test"}))
+    out = tmp_path / "std"
+    argv = [sys.executable, str(script), "--from", str(tiny), "--intensity-reference", str(ref)]
+    done = subprocess.run([*argv, "--intensity", "landmarks", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    m = open_bundle(out).manifest
+    assert m["pipeline"]["intensity"] == "landmarks" and m["format_version"] == "1.2"
+    assert m["intensity_reference"]["modalities"] == {k: marks[k] for k in ("flair", "t2")}
+    again = tmp_path / "again"
+    done = subprocess.run([argv[0], argv[1], "--from", str(out), "--out", str(again)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kept = open_bundle(again).manifest
+    assert kept["intensity_reference"] == m["intensity_reference"] and "intensity" not in kept["pipeline"]
+    ref.write_text(json.dumps({"percentiles": [10, 25, 50, 75], "modalities": {"flair": marks["flair"]}}))
+    bad = tmp_path / "bad"
+    for args, needle in (
+        ([argv[0], argv[1], "--from", str(tiny), "--intensity", "landmarks"], "--intensity landmarks needs"),
+        ([*argv, "--intensity", "landmarks"], "has no landmarks for t2"),
+    ):
+        done = subprocess.run([*args, "--out", str(bad)], capture_output=True, text=True)
+        assert done.returncode != 0 and needle in done.stderr, done.stderr
         assert not bad.exists()
 
 

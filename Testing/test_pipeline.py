@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from conftest import make_tiny_bundle
 
 from AnomalyDiffusionLib import cli
-from AnomalyDiffusionLib.errors import Cancelled
+from AnomalyDiffusionLib.errors import Cancelled, InputError
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, write_case
 from AnomalyDiffusionLib.pipeline import DetectOptions, detect, slice_positions
 from AnomalyDiffusionLib.progress import CancelToken
@@ -221,6 +221,37 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny, oblique_
         assert code != 0, what
         assert len(err) == 1 and err[0].startswith("error: ") and needle.lower() in err[0].lower(), (what, err)
         assert not out.exists(), what
+
+
+def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, oblique_case, tmp_path):
+    """Landmark standardisation needs the bundle's reference (a one-line error without it); with it, it
+    is the bundle's default, it is what the models see (the images differ from the papers' scaling),
+    summary.json records the case's landmarks beside the reference, and --faithful returns to the
+    papers' 99th-percentile scaling."""
+    inputs = {"flair": oblique_case["flair"], "t2": oblique_case["t2"]}
+    opts = {"device": "cpu", "methods": ("fpdm",), "slice_range": (28, 31)}
+    with pytest.raises(InputError, match=r"no intensity reference.*--intensity percentile"):
+        detect(inputs, tiny, DetectOptions(intensity="landmarks", **opts))
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny, ref)
+    m = json.loads((ref / "manifest.json").read_text())
+    m["intensity_reference"] = {
+        "percentiles": [10, 25, 50, 75],
+        "modalities": {"flair": [0.2, 0.3, 0.4, 0.5], "t2": [0.3, 0.4, 0.5, 0.6]},
+        "data": "test",
+    }
+    m.setdefault("pipeline", {})["intensity"] = "landmarks"
+    (ref / "manifest.json").write_text(json.dumps(m))
+    got = detect(inputs, ref, DetectOptions(**opts))
+    paper = detect(inputs, ref, DetectOptions(intensity="percentile", **opts))
+    faithful = detect(inputs, ref, DetectOptions(faithful=True, **opts))
+    assert got.summary["intensity"]["mode"] == "landmarks"
+    assert got.summary["intensity"]["reference"]["flair"] == [0.2, 0.3, 0.4, 0.5]
+    assert len(got.summary["intensity"]["case"]["t2"]) == 4
+    assert paper.summary["intensity"] == {"mode": "percentile"} == faithful.summary["intensity"]
+    np.testing.assert_array_equal(paper.model_images, faithful.model_images)
+    brain = paper.model_images > -1
+    assert np.abs(got.model_images - paper.model_images)[brain].mean() > 0.05
 
 
 # ------------------------------------------------------------------------ the embedded bundle

@@ -38,6 +38,7 @@ from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.fpdm import Calibration, FPDMSettings, calibration_mismatches
 from AnomalyDiffusionLib.fpdm.manifest import section as fpdm_section
 from AnomalyDiffusionLib.fpdm.model import load_unet_any
+from AnomalyDiffusionLib.intensity import IntensityReference
 from AnomalyDiffusionLib.methods import validate_manifest_sections
 
 PHANTOM_STATEMENT = (
@@ -141,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="volume calibration: the FLAIR-assisted seeds compare FLAIR with its surroundings, the smooth "
         "background (Gaussian of this many model pixels) removed (default: with the case's brain median)",
+    )
+    p.add_argument(
+        "--intensity-reference",
+        type=Path,
+        default=None,
+        help="the training data's intensity landmarks (training/intensity_reference.py's JSON; default: the "
+        "--from bundle's, if any)",
+    )
+    p.add_argument(
+        "--intensity",
+        choices=("percentile", "landmarks"),
+        default="percentile",
+        help="default intensity scaling: the papers' 99th percentile, or also the landmark standardisation to "
+        "the intensity reference (default percentile)",
     )
     p.add_argument(
         "--default-methods",
@@ -349,6 +364,27 @@ def main(argv: list[str] | None = None) -> int:
             raise AnomalyDiffusionError("--default-methods-reason needs --default-methods")
         manifest["modalities"] = modalities
         manifest["slice_size"] = slice_size
+        if args.intensity_reference is not None:
+            try:
+                block = json.loads(args.intensity_reference.read_text())
+                ref = IntensityReference.from_manifest(block)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise AnomalyDiffusionError(f"--intensity-reference {args.intensity_reference}: {exc}") from None
+            missing = [m for m in modalities if m not in ref.values]
+            if missing:
+                raise AnomalyDiffusionError(f"--intensity-reference has no landmarks for {', '.join(missing)}")
+            manifest["intensity_reference"] = ref.as_manifest(str(block.get("data", "")))
+            manifest["intensity_reference"]["modalities"] = {
+                m: manifest["intensity_reference"]["modalities"][m] for m in modalities
+            }
+        elif src is not None and "intensity_reference" in base:
+            manifest["intensity_reference"] = json.loads(json.dumps(base["intensity_reference"]))
+        if args.intensity != "percentile":
+            if "intensity_reference" not in manifest:
+                raise AnomalyDiffusionError(
+                    "--intensity landmarks needs --intensity-reference (or a --from bundle with one)"
+                )
+            manifest["pipeline"]["intensity"] = args.intensity
         if args.version:
             entries = []
             if args.changelog_from:
@@ -371,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise AnomalyDiffusionError(f"--eval-metrics: {exc}") from None
         elif src is not None:  # figures measured on the source hold only while its weights and defaults do
             old = src.document(card.METADATA)
-            if old is not None and not replaced and manifest["pipeline"] == base.get("pipeline"):
+            same_inputs = manifest.get("intensity_reference") == base.get("intensity_reference")
+            if old is not None and not replaced and manifest["pipeline"] == base.get("pipeline") and same_inputs:
                 metrics = json.loads(old).get("eval_metrics")
         meta = card.metadata(manifest, metrics, authors=args.authors)
         documents = {

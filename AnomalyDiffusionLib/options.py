@@ -122,6 +122,15 @@ class DetectOptions:
         "case's brain percentiles onto the bundle's training data (landmarks); default: the bundle's",
         choices=("percentile", "landmarks"),
     )
+    #: N4 bias-field correction of each modality before the intensity scaling: "none" | "n4"
+    #: (:mod:`~AnomalyDiffusionLib.bias`); None: the bundle's default
+    bias_correction: str | None = option(
+        None,
+        "--bias-correction",
+        "choice",
+        "remove a smooth coil gain field from each modality before scaling (n4) or not (none); default: the bundle's",
+        choices=("none", "n4"),
+    )
     cos_threshold: float | None = option(
         None,
         "--cos-threshold",
@@ -163,7 +172,7 @@ class DetectOptions:
         False,
         "--faithful",
         "flag",
-        "paper settings: every step, no early stop, no gating, percentile intensity scaling",
+        "paper settings: every step, no early stop, no gating, no bias correction, percentile intensity scaling",
     )
     slice_range: tuple[int | None, int | None] = option(
         (None, None), "--slices", "range", "canonical axial slice range (inferior = 0)", metavar="START:STOP"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 
 from . import __version__
 from . import methods as registry
+from .bias import correct as correct_bias
 from .bundle import Bundle, open_bundle
 from .devices import resolve_device
 from .errors import InputError
@@ -179,7 +180,22 @@ def detect(
     reference = None
     if intensity == "landmarks":
         reference = IntensityReference.from_manifest(b.manifest["intensity_reference"])
-    vol = case.normalised(b.modalities, reference=reference)  # [C, z, y, x]
+    bias_mode = (
+        "none"
+        if opt.faithful
+        else (opt.bias_correction or b.manifest.get("pipeline", {}).get("bias_correction", "none"))
+    )
+    bias_info: dict = {"method": bias_mode}
+    source = case  # what the models see; the outputs stay on the case as read
+    if bias_mode == "n4":
+        report(progress, "reading", 0.5, "bias-field correction (N4)")
+        corrected = {}
+        for m in b.modalities:
+            corrected[m], bias_info[m] = correct_bias(case.arrays[m], case.mask, case.spacing)
+            if cancel is not None:
+                cancel.check()
+        source = replace(case, arrays={**case.arrays, **corrected})
+    vol = source.normalised(b.modalities, reference=reference)  # [C, z, y, x]
     fit = PlaneFit.for_case(case, b.slice_size)
     images = fit.to_model(np.moveaxis(vol[:, idx], 1, 0), "image", fill=-1.0)  # [K, C, S, S]
     voxel_mm2 = case.spacing[0] * case.spacing[1]
@@ -258,7 +274,8 @@ def detect(
     timings["total"] = time.perf_counter() - t_all
     summary = _summary(b, case, rows, pos, requested, results, shortcuts, warnings, lesion_ml, timings, device, opt)
     summary["reliability"] = reliability
-    summary["intensity"] = intensity_summary(case, list(b.modalities), intensity, reference)
+    summary["intensity"] = intensity_summary(source, list(b.modalities), intensity, reference)
+    summary["bias_correction"] = bias_info
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,

@@ -227,7 +227,8 @@ def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, obliqu
     """Landmark standardisation needs the bundle's reference (a one-line error without it); with it, it
     is the bundle's default, it is what the models see (the images differ from the papers' scaling),
     summary.json records the case's landmarks beside the reference, and --faithful returns to the
-    papers' 99th-percentile scaling."""
+    papers' 99th-percentile scaling. --bias-correction n4 is recorded with the field it removed; off by
+    default and under --faithful."""
     inputs = {"flair": oblique_case["flair"], "t2": oblique_case["t2"]}
     opts = {"device": "cpu", "methods": ("fpdm",), "slice_range": (28, 31)}
     with pytest.raises(InputError, match=r"no intensity reference.*--intensity percentile"):
@@ -244,7 +245,13 @@ def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, obliqu
     (ref / "manifest.json").write_text(json.dumps(m))
     got = detect(inputs, ref, DetectOptions(**opts))
     paper = detect(inputs, ref, DetectOptions(intensity="percentile", **opts))
-    faithful = detect(inputs, ref, DetectOptions(faithful=True, **opts))
+    faithful = detect(inputs, ref, DetectOptions(faithful=True, bias_correction="n4", **opts))
+    n4 = detect(inputs, ref, DetectOptions(bias_correction="n4", **opts))
+    assert (
+        n4.summary["bias_correction"]["method"] == "n4"
+        and len(n4.summary["bias_correction"]["t2"]["field_p5_p95"]) == 2
+    )
+    assert faithful.summary["bias_correction"] == {"method": "none"} == got.summary["bias_correction"]
     assert got.summary["intensity"]["mode"] == "landmarks"
     assert got.summary["intensity"]["reference"]["flair"] == [0.2, 0.3, 0.4, 0.5]
     assert len(got.summary["intensity"]["case"]["t2"]) == 4

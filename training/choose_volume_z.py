@@ -51,6 +51,16 @@ The fine-tuned weights of the 3.1 attempt (below in training/README.md), recalib
 segmented 79 mL on the healthy development case 40003 with 3.1's rule and at least 36 mL under
 every rule of the old grid, and were stopped after 5 cases.
 
+Bundle 3.3 standardises its inputs to the training subjects' intensity landmarks
+(``detect --intensity landmarks``), which changes every map, so all 24 cases ran again (33 min): the
+grid chose z 32, FLAIR gate 1, growth 2, no FLAIR-assisted seed (score 0.712, mean lesion DICE
+0.568, 0 mL on the 8 healthy cases; 3.2 on its unstandardised maps: 0.720 / 0.580). That rule flagged
+a healthy slice beside the lesion in the K-slice robustness test (Testing/test_robustness.py), so 3.3
+ships the best rule that passes the hard robustness tests: growth 3 (0.696 / 0.544, 0 mL healthy).
+The score printed here does not know those tests; check them before shipping a choice. A median
+filter of 3 px in the volume decision was tried again on 3.2's caches (best of the grid: 0.708) and
+not adopted.
+
     python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
         [--volume-flair-z G] [--volume-grow-z L]

@@ -55,8 +55,9 @@ from .errors import AnomalyDiffusionError
 log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-diffusion-bundle"
-#: 1.1: pipeline.volume_seed_*, volume_flair_bias_px; 1.2: intensity_reference, pipeline.intensity
-FORMAT_VERSION = "1.2"
+#: 1.1: pipeline.volume_seed_*, volume_flair_bias_px; 1.2: intensity_reference, pipeline.intensity;
+#: 1.3: pipeline.refine, refine_flair_z, refine_reach_mm, refine_keep_flair_z
+FORMAT_VERSION = "1.3"
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 
@@ -162,6 +163,8 @@ def validate_manifest(m: object) -> dict:
         raise BundleError("manifest: pipeline.volume_grow_z must not exceed pipeline.volume_z")
     if "volume_seed_map_z" in pipe and not pipe["volume_grow_z"] <= pipe["volume_seed_map_z"] <= top:
         raise BundleError("manifest: pipeline.volume_seed_map_z must lie between pipeline.volume_grow_z and volume_z")
+    if pipe.get("refine") == "flair" and "refine_flair_z" not in pipe:
+        raise BundleError("manifest: pipeline.refine 'flair' needs pipeline.refine_flair_z and refine_reach_mm")
     if pipe.get("intensity") == "landmarks" and "intensity_reference" not in m:
         raise BundleError("manifest: pipeline.intensity 'landmarks' needs an intensity_reference")
     if "intensity_reference" in m:

@@ -70,7 +70,16 @@ def metadata(
             "spatial_shape": [size, size],
             "dtype": "uint8",
             "value_range": [0, 1],
-            "channel_def": {"0": "anomaly (AnoFPDM mask)"},
+            "channel_def": {
+                "0": "anomaly (AnoFPDM mask"
+                + (
+                    "; by default redrawn at the input's resolution from the FLAIR near what AnoFPDM found, "
+                    "AnomalyDiffusionLib.refine"
+                    if (manifest.get("pipeline") or {}).get("refine") == "flair"
+                    else ""
+                )
+                + ")"
+            },
         }
         outputs["heatmap"] = {
             "type": "image",

@@ -131,6 +131,17 @@ class DetectOptions:
         "remove a smooth coil gain field from each modality before scaling (n4) or not (none); default: the bundle's",
         choices=("none", "n4"),
     )
+    #: native-resolution refinement of the segmentation (:mod:`~AnomalyDiffusionLib.refine`): "none" |
+    #: "flair" (the found lesions' extent redrawn from the FLAIR at the input's resolution, within the
+    #: bundle's reach of what the model found); None: the bundle's default
+    refine: str | None = option(
+        None,
+        "--refine",
+        "choice",
+        "redraw the found lesions' boundary from the FLAIR at the input's resolution, near what the model found "
+        "(flair), or keep the model's mask (none); default: the bundle's",
+        choices=("none", "flair"),
+    )
     cos_threshold: float | None = option(
         None,
         "--cos-threshold",
@@ -172,7 +183,8 @@ class DetectOptions:
         False,
         "--faithful",
         "flag",
-        "paper settings: every step, no early stop, no gating, no bias correction, percentile intensity scaling",
+        "paper settings: every step, no early stop, no gating, no bias correction, percentile intensity scaling, "
+        "no refinement",
     )
     slice_range: tuple[int | None, int | None] = option(
         (None, None), "--slices", "range", "canonical axial slice range (inferior = 0)", metavar="START:STOP"

@@ -36,10 +36,12 @@ from .bias import correct as correct_bias
 from .bundle import Bundle, open_bundle
 from .devices import resolve_device
 from .errors import InputError
+from .flair_reference import flair_zscore
 from .intensity import IntensityReference, landmarks
 from .method import MethodResult, SliceInputs
 from .options import DetectOptions  # the options schema; re-exported here
 from .progress import CancelToken, ProgressCallback, report
+from .refine import refine_to_flair
 from .volumes import Case, PlaneFit, case_from_images, load_case, reassemble, slice_indices
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,26 @@ def intensity_mode(b: Bundle, opt: DetectOptions) -> str:
             f"bundle '{b.name}' has no intensity reference (training-data landmarks); use --intensity percentile"
         )
     return mode
+
+
+def refine_settings(b: Bundle, opt: DetectOptions) -> tuple[float, float, float | None] | None:
+    """The native-resolution refinement this run uses (:mod:`~AnomalyDiffusionLib.refine`): (FLAIR z
+    level, reach in mm, FLAIR z down to which the model's own voxels are kept or None), or None when
+    off. ``--faithful`` → off; else the user's ``--refine``, else the bundle's ``pipeline.refine``
+    (``none`` when it has none). ``flair`` needs the bundle's ``pipeline.refine_flair_z`` and
+    ``refine_reach_mm``."""
+    if opt.faithful:
+        return None
+    pipe = b.manifest.get("pipeline", {})
+    mode = opt.refine or pipe.get("refine", "none")
+    if mode == "none":
+        return None
+    if mode != "flair":
+        raise InputError(f"refine must be 'none' or 'flair', not {mode!r}")
+    if "refine_flair_z" not in pipe or "refine_reach_mm" not in pipe:
+        raise InputError(f"bundle '{b.name}' has no refinement settings (pipeline.refine_flair_z); use --refine none")
+    keep = pipe.get("refine_keep_flair_z")
+    return float(pipe["refine_flair_z"]), float(pipe["refine_reach_mm"]), None if keep is None else float(keep)
 
 
 def intensity_summary(case: Case, modalities: list[str], mode: str, reference: IntensityReference | None) -> dict:
@@ -258,12 +280,29 @@ def detect(
     heatmap = reassemble(case, heat_model, idx, fit, kind="image", fill=0.0) if heat_model is not None else None
     labelmap = None
     lesion_ml = None
+    refine_info: dict = {"method": "none"}
     if masks_model is not None:
         labelmap, lab = labelmap_from_model(case, masks_model, idx, fit)
+        voxel_ml = float(np.prod(case.spacing)) / 1000.0
+        refinement = refine_settings(b, opt)
+        if refinement is not None:
+            level, reach, keep = refinement
+            report(progress, "writing", 0.3, "refining the segmentation to the FLAIR")
+            model_ml = float(lab.sum()) * voxel_ml
+            flair_z = flair_zscore(source.arrays["flair"], case.mask)
+            lab = refine_to_flair(lab > 0, flair_z, case.spacing, level, reach, keep).astype(np.uint8)
+            labelmap = case.to_original(lab, sitk.sitkUInt8)
+            refine_info = {
+                "method": "flair",
+                "flair_z": level,
+                "reach_mm": reach,
+                "keep_flair_z": level if keep is None else keep,
+                "model_ml": round(model_ml, 3),
+                "refined_ml": round(float(lab.sum()) * voxel_ml, 3),
+            }
         per_slice = lab.reshape(lab.shape[0], -1).sum(1)
         for r in rows:
             r["lesion_area_mm2"] = round(float(per_slice[r["slice"]]) * voxel_mm2, 1)
-        voxel_ml = float(np.prod(case.spacing)) / 1000.0
         lesion_ml = float(lab.sum()) * voxel_ml
     timings["outputs"] = time.perf_counter() - t
     reliability = _reliability(results)
@@ -276,6 +315,7 @@ def detect(
     summary["reliability"] = reliability
     summary["intensity"] = intensity_summary(source, list(b.modalities), intensity, reference)
     summary["bias_correction"] = bias_info
+    summary["refinement"] = refine_info
     report(progress, "writing", 1.0, "done")
     return DetectResult(
         case=case,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_bundle
 
-from AnomalyDiffusionLib.bundle import BundleError, open_bundle
+from AnomalyDiffusionLib.bundle import FORMAT_VERSION, BundleError, open_bundle
 from AnomalyDiffusionLib.dode.model import dode_from_bundle
 from AnomalyDiffusionLib.fpdm.model import fpdm_from_bundle
 from AnomalyDiffusionLib.methods import validate_manifest_sections
@@ -223,6 +223,20 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
             "'volume_seed_map_z' is a dependency of 'volume_flair_bias_px'",
         ),
         (lambda m: m.update(pipeline={"intensity": "landmarks"}), "'landmarks' needs an intensity_reference"),
+        (lambda m: m.update(pipeline={"refine": "flair"}), "'flair' needs pipeline.refine_flair_z"),
+        (
+            lambda m: m.update(pipeline={"refine_flair_z": 2.0}),
+            "'refine_reach_mm' is a dependency of 'refine_flair_z'",
+        ),
+        (
+            lambda m: m.update(pipeline={"refine": "flair", "refine_flair_z": 2.0, "refine_reach_mm": -1}),
+            "refine_reach_mm: -1 is less than the minimum",
+        ),
+        (lambda m: m.update(pipeline={"refine": "edges"}), "pipeline.refine: 'edges' is not one of"),
+        (
+            lambda m: m.update(pipeline={"refine_keep_flair_z": 1.0}),
+            "'refine_flair_z' is a dependency of 'refine_keep_flair_z'",
+        ),
         (
             lambda m: m.update(intensity_reference={"percentiles": [25, 50], "modalities": {"flair": [0.4, 0.6]}}),
             "intensity_reference has no landmarks for t2",
@@ -369,6 +383,32 @@ def test_make_bundle_writes_the_flair_assisted_seed_rule_and_refuses_it_out_of_o
         assert not bad.exists()
 
 
+def test_make_bundle_writes_the_refinement_and_refuses_a_negative_reach(tmp_path, tiny):
+    """--refine-flair FLAIR_Z REACH_MM (and --refine-keep-z) make the FLAIR refinement the bundle's
+    default; a reach below 0 mm, or a keep level alone, is refused before anything is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    base = [sys.executable, str(script), "--from", str(tiny)]
+    out = tmp_path / "refined"
+    argv = [*base, "--refine-flair", "2.5", "6", "--refine-keep-z", "1", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pipe = open_bundle(out).manifest["pipeline"]
+    assert (pipe["refine"], pipe["refine_flair_z"], pipe["refine_reach_mm"]) == ("flair", 2.5, 6.0)
+    assert pipe["refine_keep_flair_z"] == 1.0
+    bad = tmp_path / "bad"
+    for extra, needle in (
+        (["--refine-flair", "2.5", "-1"], "--refine-flair FLAIR_Z REACH_MM"),
+        (["--refine-keep-z", "1"], "--refine-keep-z applies with --refine-flair only"),
+    ):
+        done = subprocess.run([*base, *extra, "--out", str(bad)], capture_output=True, text=True)
+        assert done.returncode != 0 and needle in done.stderr
+        assert not bad.exists()
+
+
 def test_make_bundle_writes_the_intensity_reference_and_keeps_it_from_its_source(tmp_path, tiny):
     """--intensity-reference FILE lands in the manifest (the bundle's modalities only) and --intensity
     landmarks makes it the default; a bundle made --from it keeps the reference; landmarks without a
@@ -386,7 +426,7 @@ def test_make_bundle_writes_the_intensity_reference_and_keeps_it_from_its_source
     done = subprocess.run([*argv, "--intensity", "landmarks", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     m = open_bundle(out).manifest
-    assert m["pipeline"]["intensity"] == "landmarks" and m["format_version"] == "1.2"
+    assert m["pipeline"]["intensity"] == "landmarks" and m["format_version"] == FORMAT_VERSION
     assert m["intensity_reference"]["modalities"] == {k: marks[k] for k in ("flair", "t2")}
     again = tmp_path / "again"
     done = subprocess.run([argv[0], argv[1], "--from", str(out), "--out", str(again)], capture_output=True, text=True)

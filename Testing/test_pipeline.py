@@ -328,3 +328,40 @@ def test_default_bundle_dode_bpd_does_not_depend_on_the_seed(oblique_case):
     b = np.array([[r[c] for c in cols] for r in runs[1].rows])
     assert a.shape == b.shape and len(a) >= 5
     assert np.abs(a - b).max() < 0.01, np.abs(a - b).max()
+
+
+def test_refinement_redraws_the_mask_from_the_flair_near_the_models_finding(tiny, oblique_case, tmp_path):
+    """With the bundle's FLAIR refinement the written labelmap is exactly the FLAIR-bright voxels
+    (robust z above the level) within the reach of the model's own mask and connected to it;
+    summary.json records both volumes; --refine none and --faithful write the model's mask."""
+    from scipy import ndimage
+
+    from AnomalyDiffusionLib.flair_reference import flair_zscore
+
+    inputs = {"flair": oblique_case["flair"], "t2": oblique_case["t2"]}
+    opts = {"device": "cpu", "methods": ("fpdm",), "slice_range": (27, 32), "calibration": "volume"}
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny, ref)
+    m = json.loads((ref / "manifest.json").read_text())
+    # an untrained model's map, thresholded low: a finding to refine
+    m.setdefault("pipeline", {}).update(volume_z=1.0, refine="flair", refine_flair_z=0.5, refine_reach_mm=4.0)
+    (ref / "manifest.json").write_text(json.dumps(m))
+    plain = detect(inputs, ref, DetectOptions(refine="none", **opts))
+    refined = detect(inputs, ref, DetectOptions(**opts))
+    faithful = detect(inputs, ref, DetectOptions(faithful=True, **opts))
+    case = refined.case
+    model = case.reorientation.to_canonical(sitk.GetArrayFromImage(plain.labelmap)) > 0
+    got = case.reorientation.to_canonical(sitk.GetArrayFromImage(refined.labelmap)) > 0
+    assert model.sum() > 0 and got.sum() > 0 and not np.array_equal(got, model)
+    z = flair_zscore(case.arrays["flair"], case.mask)
+    sx, sy, sz = case.spacing
+    near = ndimage.distance_transform_edt(~model, sampling=(sz, sy, sx)) <= 4.0
+    assert not (got & ~((z > 0.5) & near)).any()  # nothing dull, nothing out of reach
+    lab, _ = ndimage.label(got, structure=np.ones((3, 3, 3), bool))
+    assert set(np.unique(lab[got])) <= set(np.unique(lab[got & model]))  # every component touches a finding
+    info = refined.summary["refinement"]
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    assert info["method"] == "flair" and info["flair_z"] == 0.5 and info["reach_mm"] == 4.0
+    assert info["model_ml"] == pytest.approx(model.sum() * voxel_ml, abs=1e-3)
+    assert info["refined_ml"] == pytest.approx(got.sum() * voxel_ml, abs=1e-3) == refined.summary["lesion_volume_ml"]
+    assert plain.summary["refinement"] == {"method": "none"} == faithful.summary["refinement"]

@@ -11,7 +11,10 @@ and scores, per case: volume DICE, lesion-slice sensitivity, false-positive slic
 AnoDODE slice AUROC (raw bpd and the case-normalised ``dode_z``) beside the brain-area and FLAIR-p99.9
 references, and time. AnoFPDM's masks are scored for both calibrations (``bundle``: the papers'
 dataset-level thresholds; ``volume``: the case's own slices, :mod:`AnomalyDiffusionLib.selfcal`),
-which come from the same forward process. Beside them, two **FLAIR-threshold references**
+which come from the same forward process; with a bundle that refines its segmentation
+(:mod:`AnomalyDiffusionLib.refine`) also ``refined``, what ``detect`` writes: the default decision's
+mask redrawn from the FLAIR near what AnoFPDM found, which is then the default output scored in the
+aggregates, the figure and the card. Beside them, two **FLAIR-threshold references**
 (:mod:`AnomalyDiffusionLib.flair_reference`): a rule fixed in advance (robust z > 2 in the brain) and
 the threshold that maximises the family's mean DICE (optimistic: tuned on the very cases it is scored
 on, as in Meissen et al.'s "simple baseline").
@@ -92,10 +95,19 @@ def run_case(name: str, paths: dict[str, Path], bundle, options: DetectOptions) 
         "default_calibration": res.summary["method_details"].get("fpdm", {}).get("calibration_mode"),
     }
     arrays: dict = {"truth": truth, "flair": None, "masks": {}}
-    # AnoFPDM, both calibrations from one forward process
-    for mode, mm in res.extras.get("fpdm_model_masks", {}).items():
-        _, lab = labelmap_from_model(case, mm, res.indices, res.fit)
-        pred = lab > 0
+    # AnoFPDM, both calibrations from one forward process (the model's masks), and with a refining
+    # bundle what detect wrote: the default decision redrawn from the FLAIR (AnomalyDiffusionLib.refine)
+    decided = {
+        mode: labelmap_from_model(case, mm, res.indices, res.fit)[1] > 0
+        for mode, mm in res.extras.get("fpdm_model_masks", {}).items()
+    }
+    refinement = res.summary.get("refinement", {})
+    rec["default_mode"] = rec["default_calibration"]
+    if refinement.get("method", "none") != "none" and res.labelmap is not None:
+        decided["refined"] = case.reorientation.to_canonical(sitk.GetArrayFromImage(res.labelmap)) > 0
+        rec["default_mode"] = "refined"
+        rec["refinement"] = refinement
+    for mode, pred in decided.items():
         arrays["masks"][mode] = pred
         r = {"volume_ml": round(float(pred.sum()) * voxel_ml, 2), "slices": _slices(pred)}
         if truth is not None:
@@ -200,11 +212,18 @@ def aggregate(records: list[dict], modes: list[str]) -> dict:
     return out
 
 
+def describe_mode(results: dict) -> str:
+    """The default output in words: the decision, and the refinement when the bundle refines."""
+    if results["default_mode"] == "refined":
+        return f"{results['default_calibration']} decision refined to the FLAIR (detect's output)"
+    return f"{results['default_calibration']} decision"
+
+
 def eval_metrics(results: dict) -> dict:
     """The card's ``eval_metrics`` entries (``{value, data, command}``) of a full run: the held-out
     family's AnoFPDM figures under the default decision, each beside its FLAIR-threshold reference,
     and the real cases (``make_bundle.py --eval-metrics``)."""
-    mode = results["default_calibration"]
+    mode = results["default_mode"]
     fam = results["family"]
     key = f"fpdm_{mode}"
     if key not in fam or fam[key]["mean_dice"] is None:
@@ -212,7 +231,8 @@ def eval_metrics(results: dict) -> dict:
     cmd = results["command"]
     ref, tuned = fam["flair_fixed"], fam["flair_tuned"]
     n = sum(1 for c in results["cases"] if c["case"].startswith("shift-") and c["truth_ml"])
-    held_out = f"held-out shift family, {n} lesion cases (never used to choose anything), {mode} decision"
+    what = describe_mode(results)
+    held_out = f"held-out shift family, {n} lesion cases (never used to choose anything), {what}"
     out = {
         "shift_family_mean_dice": {
             "value": fam[key]["mean_dice"],
@@ -234,7 +254,7 @@ def eval_metrics(results: dict) -> dict:
         if c["case"] == "TCGA-DU-7294" and key in c and "dice" in c[key]:
             out["tcga_du_7294_dice"] = {
                 "value": c[key]["dice"],
-                "data": f"TCGA-DU-7294 (real glioma, fused-algorithm label), {mode} decision; FLAIR-threshold "
+                "data": f"TCGA-DU-7294 (real glioma, fused-algorithm label), {what}; FLAIR-threshold "
                 f"reference {c['flair_fixed']['dice']} fixed / {c['flair_tuned']['dice']} tuned",
                 "command": cmd,
             }
@@ -257,7 +277,7 @@ def figure(records: list[dict], path: Path) -> None:
         ax.axis("off")
     for ax, rec in zip(axes.ravel(), records, strict=False):
         a = rec["_arrays"]
-        mode = rec["default_calibration"] or "bundle"
+        mode = rec.get("default_mode") or rec["default_calibration"] or "bundle"
         pred = a["masks"].get(mode)
         ref = a["truth"] if a["truth"] is not None and a["truth"].any() else pred
         if ref is None or not ref.any():
@@ -275,7 +295,7 @@ def figure(records: list[dict], path: Path) -> None:
         else:
             title += f"\n{rec.get(f'fpdm_{mode}', {}).get('volume_ml', 0):.1f} mL segmented"
         ax.set_title(title, fontsize=8)
-    fig.suptitle("yellow: truth, cyan: AnoFPDM (default calibration), magenta: FLAIR z > 2", fontsize=9)
+    fig.suptitle("yellow: truth, cyan: AnoFPDM (detect's default output), magenta: FLAIR z > 2", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -284,21 +304,23 @@ def figure(records: list[dict], path: Path) -> None:
 def markdown(results: dict) -> str:
     """results.md: settings, the per-case table, family aggregates, warnings."""
     modes = results["modes"]
-    default = results["default_calibration"]
+    default = results["default_mode"]
     b = results["bundle"]
     head = ["case", "grid", "lesion", "truth mL", *[f"AnoFPDM {m}" for m in modes], "FLAIR fixed", "FLAIR tuned"]
     head += ["lesion-slice sens.", "FP slices", "AnoDODE AUROC z / bpd", "brain area", "FLAIR p99.9", "s"]
     lines = [
         "# Shift benchmark",
         "",
-        f"Bundle `{b['name']}` {b.get('version', '')} (sha256 {b['sha256'][:12]}), default calibration `{default}`.",
+        f"Bundle `{b['name']}` {b.get('version', '')} (sha256 {b['sha256'][:12]}), default output: "
+        f"{describe_mode(results)}.",
         f"Command: `{results['command']}`",
         "",
         "Held-out synthetic family (never used for training, calibration or settings) and the real cases.",
         "Labelled cases: volume DICE; healthy and unlabelled cases: segmented volume (mL). FLAIR references:",
         f"robust z in the brain above {results['flair_fixed_z']} (fixed) or above {results['flair_tuned_z']} (tuned",
         "on the family's lesion cases: optimistic). Lesion-slice sensitivity and false-positive slices are",
-        f"for AnoFPDM with the `{default}` calibration.",
+        f"for AnoFPDM's default output (`{default}`). `refined`: what detect writes, the default decision's",
+        "mask redrawn from the FLAIR at the input's resolution near what AnoFPDM found.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -416,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         add_tuned(r, z)
     modes = sorted({k[5:] for r in records for k in r if k.startswith("fpdm_")})
     default = records[0]["default_calibration"] if records else None
+    default_mode = records[0]["default_mode"] if records else None
     results = {
         "command": "python " + " ".join(["benchmarks/shift.py", *(argv if argv is not None else sys.argv[1:])]),
         "bundle": {"name": bundle.name, "sha256": bundle.sha256, "version": bundle.manifest.get("version", "")},
         "default_calibration": default,
+        "default_mode": default_mode,
         "modes": modes,
         "flair_fixed_z": FIXED_Z,
         "flair_tuned_z": z,

@@ -84,6 +84,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from AnomalyDiffusionLib.bundle import open_bundle
+from AnomalyDiffusionLib.flair_reference import flair_zscore
 from AnomalyDiffusionLib.fpdm import volume_segmentation
 from AnomalyDiffusionLib.metrics import volume_level
 from AnomalyDiffusionLib.options import DetectOptions
@@ -96,6 +97,7 @@ from AnomalyDiffusionLib.phantom import (
     resample_case,
 )
 from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model
+from AnomalyDiffusionLib.refine import refine_to_flair
 
 #: candidate rules: (z, FLAIR gate or None, hysteresis grow level or None, FLAIR-assisted seed
 #: (map z, FLAIR z) or None, FLAIR bias-removal scale in model pixels or None). Bundles up to 3.0 were
@@ -103,13 +105,26 @@ from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model
 #: 2 … 6; for 3.2 the second kind of seed and the bias-freed FLAIR were added, around the z, gates and
 #: growth levels that mattered (each rule costs a labelmap per case, about 0.1 s).
 SEEDS = (None, (4.0, 5.0), (8.0, 4.0), (8.0, 5.0), (16.0, 4.0))
+#: the native-resolution refinement (FLAIR z level, reach in mm, FLAIR z down to which the model's own
+#: voxels are kept: None = the level) tried on top of a rule (bundle 3.4; AnomalyDiffusionLib.refine)
+REFINEMENTS = tuple(
+    (level, reach, keep) for level in (2.0, 2.5, 3.0) for reach in (3.0, 6.0) for keep in (None, 0.0, 1.0)
+)
 RULES = tuple(
-    (z, g, grow, seed, bias)
+    (z, g, grow, seed, bias, None)
     for z in (26.0, 32.0, 40.0)
     for g in (0.5, 1.0, 1.5)
     for grow in (2.0, 3.0)
     for seed in SEEDS
     for bias in ((None,) if seed is None else (None, 8.0))  # the bias removal applies to the seeds only
+) + tuple(
+    # refined rules: the z, gates and growth of the rules above without the FLAIR-assisted seeds (which
+    # 3.3 dropped), each with every refinement (a labelmap per rule, then about 0.05 s per refinement)
+    (z, g, grow, None, None, refine)
+    for z in (26.0, 32.0, 40.0)
+    for g in (0.5, 1.0, 1.5)
+    for grow in (2.0, 3.0)
+    for refine in REFINEMENTS
 )
 
 
@@ -119,12 +134,15 @@ def rule_key(
     grow: float | None = None,
     seed: tuple[float, float] | None = None,
     bias: float | None = None,
+    refine: tuple[float, float, float | None] | None = None,
 ) -> str:
     def part(v) -> str:
         return "none" if v is None else str(v)
 
     seed_part = "none" if seed is None else f"{seed[0]}/{seed[1]}"
-    return f"{z}|{part(hyper)}|{part(grow)}|{seed_part}|{part(bias)}"
+    key = f"{z}|{part(hyper)}|{part(grow)}|{seed_part}|{part(bias)}"
+    # rules without refinement keep the keys of earlier runs
+    return key if refine is None else f"{key}|refine {refine[0]}/{refine[1]}/{part(refine[2])}"
 
 
 def rule_kwargs(
@@ -133,8 +151,10 @@ def rule_kwargs(
     grow: float | None = None,
     seed: tuple[float, float] | None = None,
     bias: float | None = None,
+    refine: tuple[float, float, float | None] | None = None,
 ) -> dict:
-    """A rule of :data:`RULES` as ``volume_segmentation``'s keyword arguments (and ``z``)."""
+    """A rule of :data:`RULES` as ``volume_segmentation``'s keyword arguments (and ``z``); its
+    refinement is not one of them (see :func:`evaluate_case`)."""
     return {
         "z": z,
         "hyper_z": hyper,
@@ -251,14 +271,22 @@ def evaluate_case(c: DevCase, bundle, rules: tuple = RULES, cache: Path | None =
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     seconds = data["seconds"]
     rows = {}
+    flair_z = flair_zscore(case.arrays["flair"], case.mask)  # what detect's refinement thresholds
+    decided: dict = {}  # one labelmap per rule without its refinement
     for rule in rules:
-        kw = rule_kwargs(*rule)
-        seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
-        _, lab = labelmap_from_model(case, seg.masks, data["indices"], data["fit"])
-        m = volume_level(lab > 0, truth, voxel_ml)
+        *base, refine = rule
+        if tuple(base) not in decided:
+            kw = rule_kwargs(*base)
+            seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
+            _, lab = labelmap_from_model(case, seg.masks, data["indices"], data["fit"])
+            decided[tuple(base)] = (lab > 0, info)
+        mask, info = decided[tuple(base)]
+        if refine is not None:
+            mask = refine_to_flair(mask, flair_z, case.spacing, *refine)
+        m = volume_level(mask, truth, voxel_ml)
         rows[rule_key(*rule)] = {
             "dice": round(m["dice"], 4),
-            "volume_ml": round(float((lab > 0).sum()) * voxel_ml, 3),
+            "volume_ml": round(float(mask.sum()) * voxel_ml, 3),
             "false_positive_ml": round(m["false_positive_ml"], 3),
             "slices_unhealthy": info["slices_unhealthy"],
         }
@@ -305,6 +333,9 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
                 "seed_map_z": kw["seed_map_z"],
                 "seed_flair_z": kw["seed_flair_z"],
                 "flair_bias_px": kw["flair_bias_px"],
+                "refine_flair_z": None if rule[5] is None else rule[5][0],
+                "refine_reach_mm": None if rule[5] is None else rule[5][1],
+                "refine_keep_flair_z": None if rule[5] is None else rule[5][2],
                 "score": float(np.mean([case_score(r, key, healthy_ml) for r in records])),
                 "mean_dice": float(np.mean(les)) if les else None,
                 "min_dice": float(np.min(les)) if les else None,
@@ -320,10 +351,28 @@ def choose(records: list[dict], healthy_ml: float) -> dict:
             t["flair_bias_px"] is None,
             t["seed_flair_z"] or 0.0,
             t["seed_map_z"] or 0.0,
+            t["refine_flair_z"] is None,
+            -(t["refine_reach_mm"] or 0.0),  # the shorter reach: less drawn from the FLAIR alone
+            t["refine_flair_z"] or 0.0,
+            t["refine_keep_flair_z"] is None,
         ),
     )
     return {
-        **{k: best[k] for k in ("key", "z", "flair_hyper_z", "grow_z", "seed_map_z", "seed_flair_z", "flair_bias_px")},
+        **{
+            k: best[k]
+            for k in (
+                "key",
+                "z",
+                "flair_hyper_z",
+                "grow_z",
+                "seed_map_z",
+                "seed_flair_z",
+                "flair_bias_px",
+                "refine_flair_z",
+                "refine_reach_mm",
+                "refine_keep_flair_z",
+            )
+        },
         "score": best["score"],
         "mean_dice": best["mean_dice"],
         "rule": f"best mean case score (lesion: DICE; healthy: 1 - mL / {healthy_ml})",
@@ -335,6 +384,14 @@ def seed_text(choice: dict) -> str:
     if choice["seed_map_z"] is None:
         return "none"
     return f"map z {choice['seed_map_z']} & FLAIR z {choice['seed_flair_z']}"
+
+
+def refine_text(choice: dict) -> str:
+    if choice["refine_flair_z"] is None:
+        return "none"
+    keep = choice["refine_keep_flair_z"]
+    kept = "" if keep is None else f", the model's voxels kept down to FLAIR z {keep}"
+    return f"FLAIR z {choice['refine_flair_z']} within {choice['refine_reach_mm']} mm{kept}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,20 +455,27 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     (args.out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
-    print("    z  gate  grow      seed  bias  score  mean DICE  min DICE  max healthy mL")
+    print("    z  gate  grow      seed  bias        refine  score  mean DICE  min DICE  max healthy mL")
 
     def fmt(v: float | None) -> str:
         return "none" if v is None else f"{v:.1f}"
 
     for t in result["table"]:
         seed = "none" if t["seed_map_z"] is None else f"{t['seed_map_z']:.0f}/{t['seed_flair_z']:.1f}"
+        refine = (
+            "none"
+            if t["refine_flair_z"] is None
+            else f"{t['refine_flair_z']:.1f}/{t['refine_reach_mm']:.0f}/{fmt(t['refine_keep_flair_z'])}"
+        )
         print(
             f"{t['z']:5.1f} {fmt(t['flair_hyper_z']):>5} {fmt(t['grow_z']):>5} {seed:>9} {fmt(t['flair_bias_px']):>5} "
+            f"{refine:>13} "
             f"{t['score']:6.3f} {t['mean_dice'] or 0:9.3f} {t['min_dice'] or 0:9.3f} {t['max_healthy_ml']:10.2f}"
         )
     print(
         f"chosen: z {result['z']}, FLAIR gate {result['flair_hyper_z']}, grow {result['grow_z']}, FLAIR-assisted seed "
-        f"{seed_text(result)}, FLAIR bias removal {result['flair_bias_px']} px ({result['rule']})"
+        f"{seed_text(result)}, FLAIR bias removal {result['flair_bias_px']} px, refinement "
+        f"{refine_text(result)} ({result['rule']})"
     )
     return 0
 

@@ -144,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
         "background (Gaussian of this many model pixels) removed (default: with the case's brain median)",
     )
     p.add_argument(
+        "--refine-flair",
+        type=float,
+        nargs=2,
+        metavar=("FLAIR_Z", "REACH_MM"),
+        default=None,
+        help="default native-resolution refinement (AnomalyDiffusionLib.refine): the found lesions redrawn as the "
+        "voxels above FLAIR_Z robust FLAIR SDs within REACH_MM of the model's mask (chosen with "
+        "training/choose_volume_z.py; default: none)",
+    )
+    p.add_argument(
+        "--refine-keep-z",
+        type=float,
+        default=None,
+        help="with --refine-flair: the model's own voxels are kept down to this robust FLAIR z (default: FLAIR_Z)",
+    )
+    p.add_argument(
         "--intensity-reference",
         type=Path,
         default=None,
@@ -253,6 +269,19 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(args.volume_flair_bias_px) or args.volume_flair_bias_px <= 0:
                 raise AnomalyDiffusionError(f"--volume-flair-bias-px must be positive, not {args.volume_flair_bias_px}")
             manifest["pipeline"]["volume_flair_bias_px"] = float(args.volume_flair_bias_px)
+        if args.refine_flair is not None:
+            level, reach = (float(v) for v in args.refine_flair)
+            if not (np.isfinite(level) and np.isfinite(reach) and reach >= 0):
+                raise AnomalyDiffusionError(
+                    "--refine-flair FLAIR_Z REACH_MM needs a number and a reach of at least 0 mm"
+                )
+            manifest["pipeline"].update(refine="flair", refine_flair_z=level, refine_reach_mm=reach)
+            if args.refine_keep_z is not None:
+                if not np.isfinite(args.refine_keep_z):
+                    raise AnomalyDiffusionError(f"--refine-keep-z must be a number, not {args.refine_keep_z}")
+                manifest["pipeline"]["refine_keep_flair_z"] = float(args.refine_keep_z)
+        elif args.refine_keep_z is not None:
+            raise AnomalyDiffusionError("--refine-keep-z applies with --refine-flair only")
         weights: dict = {}
         modalities = None
         slice_size = None

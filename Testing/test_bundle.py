@@ -233,6 +233,7 @@ def test_manifest_file_entry_escaping_folder_is_refused(tmp_path, tiny):
             "refine_reach_mm: -1 is less than the minimum",
         ),
         (lambda m: m.update(pipeline={"refine": "edges"}), "pipeline.refine: 'edges' is not one of"),
+        (lambda m: m.update(pipeline={"volume_components": "3d"}), "pipeline.volume_components: '3d' is not one of"),
         (
             lambda m: m.update(pipeline={"refine_keep_flair_z": 1.0}),
             "'refine_flair_z' is a dependency of 'refine_keep_flair_z'",
@@ -393,12 +394,13 @@ def test_make_bundle_writes_the_refinement_and_refuses_a_negative_reach(tmp_path
     script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
     base = [sys.executable, str(script), "--from", str(tiny)]
     out = tmp_path / "refined"
-    argv = [*base, "--refine-flair", "2.5", "6", "--refine-keep-z", "1", "--out", str(out)]
+    argv = [*base, "--refine-flair", "2.5", "6", "--refine-keep-z", "1", "--volume-components", "volume"]
+    argv += ["--out", str(out)]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     pipe = open_bundle(out).manifest["pipeline"]
     assert (pipe["refine"], pipe["refine_flair_z"], pipe["refine_reach_mm"]) == ("flair", 2.5, 6.0)
-    assert pipe["refine_keep_flair_z"] == 1.0
+    assert pipe["refine_keep_flair_z"] == 1.0 and pipe["volume_components"] == "volume"
     bad = tmp_path / "bad"
     for extra, needle in (
         (["--refine-flair", "2.5", "-1"], "--refine-flair FLAIR_Z REACH_MM"),

@@ -194,6 +194,27 @@ def test_hysteresis_keeps_a_seeded_region_whole_and_drops_unseeded_ones():
         volume_segmentation(fwd, cal, 10.0, grow_z=20.0)
 
 
+def test_volume_components_keep_a_small_lesion_spread_over_slices_and_drop_a_speck():
+    """A small lesion cut by the model grid into 3 × 3 = 9 px on each of 3 slices (27 px in 3D), and a
+    lone 3 × 3 speck on another slice, with a small-component size of 16 px (256 px at 128²): per
+    slice (the papers' appendix F) both go; as 3D components the lesion stays and the speck goes."""
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
+
+    fwd, _ = _two_blob_forward(n=8)
+    h = fwd.h
+    h[:] = np.random.default_rng(6).uniform(0.0, 0.01, h.shape)
+    h[2:5, 0, 10:13, 10:13] = 1.0  # the small lesion on slices 2-4
+    h[6, 0, 20:23, 20:23] = 1.0  # the speck
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=1, min_component=256)
+    per_slice, info = volume_segmentation(fwd, cal, 30.0, grow_z=10.0)
+    assert not per_slice.masks.any() and info["components"] == "slice"
+    in_3d, info = volume_segmentation(fwd, cal, 30.0, grow_z=10.0, components="volume")
+    assert in_3d.unhealthy.tolist() == [0, 0, 1, 1, 1, 0, 0, 0] and info["components"] == "volume"
+    assert in_3d.masks[2:5, 10:13, 10:13].all() and in_3d.masks.sum() == 27
+    with pytest.raises(ValueError, match="components"):
+        volume_segmentation(fwd, cal, 30.0, components="2d")
+
+
 def _biased_brain(n: int = 4, s: int = 64):
     """A round brain (radius 25.6 px) of FLAIR 1 with tissue noise of SD 0.05 under a smooth bias
     that brightens one side by up to 60 % (a Gaussian bump of SD 16 px centred 6 px outside the brain),

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "background (Gaussian of this many model pixels) removed (default: with the case's brain median)",
     )
     p.add_argument(
+        "--volume-components",
+        choices=("slice", "volume"),
+        default=None,
+        help="volume calibration: drop small mask components per slice (the papers' appendix F) or as 3D "
+        "components over the stack (chosen with training/choose_volume_z.py; default: slice)",
+    )
+    p.add_argument(
         "--refine-flair",
         type=float,
         nargs=2,
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(args.volume_flair_bias_px) or args.volume_flair_bias_px <= 0:
                 raise AnomalyDiffusionError(f"--volume-flair-bias-px must be positive, not {args.volume_flair_bias_px}")
             manifest["pipeline"]["volume_flair_bias_px"] = float(args.volume_flair_bias_px)
+        if args.volume_components is not None:
+            manifest["pipeline"]["volume_components"] = args.volume_components
         if args.refine_flair is not None:
             level, reach = (float(v) for v in args.refine_flair)
             if not (np.isfinite(level) and np.isfinite(reach) and reach >= 0):

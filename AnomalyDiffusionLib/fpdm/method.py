@@ -168,6 +168,7 @@ class AnoFPDM:
                     seed_map_z=opt_float("volume_seed_map_z"),
                     seed_flair_z=opt_float("volume_seed_flair_z"),
                     flair_bias_px=opt_float("volume_flair_bias_px"),
+                    components=str(pipe.get("volume_components", "slice")),
                 )
             seg = segs[mode]
             extras["fpdm_forward"] = res  # for evaluation scripts that re-decide without re-running

@@ -215,6 +215,29 @@ def test_volume_components_keep_a_small_lesion_spread_over_slices_and_drop_a_spe
         volume_segmentation(fwd, cal, 30.0, components="2d")
 
 
+def test_seeded_components_keep_a_small_lesions_slices_and_drop_a_grown_speck_on_a_neighbour():
+    """A large lesion on slices 2-3 whose weak rim grows onto slice 4 as a 3 × 3 speck with no seed of
+    its own, and a small lesion of 3 × 3 px on slices 6-7 whose every slice holds a seed: the 3D
+    filter keeps the speck (it connects to the large lesion), "seeded" drops it and keeps the small
+    lesion, the per-slice filter drops both."""
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
+
+    fwd, _ = _two_blob_forward(n=10)
+    h = fwd.h
+    h[:] = np.random.default_rng(7).uniform(0.0, 0.01, h.shape)
+    h[2:4, 0, 4:16, 4:16] = 1.0  # the large lesion
+    h[4, 0, 8:11, 8:11] = 0.08  # its weak speck on the next slice (between the two levels)
+    h[6:8, 0, 20:23, 20:23] = 1.0  # the small lesion, seeded on each of its slices
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=1, min_component=256)  # 16 px at 32²
+    kw = {"grow_z": 10.0}
+    per_slice, _ = volume_segmentation(fwd, cal, 30.0, **kw)
+    in_3d, _ = volume_segmentation(fwd, cal, 30.0, components="volume", **kw)
+    seeded, info = volume_segmentation(fwd, cal, 30.0, components="seeded", **kw)
+    assert per_slice.unhealthy.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert in_3d.unhealthy.tolist() == [0, 0, 1, 1, 1, 0, 1, 1, 0, 0]
+    assert seeded.unhealthy.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 0] and info["components"] == "seeded"
+
+
 def _biased_brain(n: int = 4, s: int = 64):
     """A round brain (radius 25.6 px) of FLAIR 1 with tissue noise of SD 0.05 under a smooth bias
     that brightens one side by up to 60 % (a Gaussian bump of SD 16 px centred 6 px outside the brain),

@@ -145,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--volume-components",
-        choices=("slice", "volume"),
+        choices=("slice", "volume", "seeded"),
         default=None,
-        help="volume calibration: drop small mask components per slice (the papers' appendix F) or as 3D "
-        "components over the stack (chosen with training/choose_volume_z.py; default: slice)",
+        help="volume calibration: drop small mask components per slice (the papers' appendix F), as 3D "
+        "components over the stack (volume), or as 3D components and, per slice, small ones without a seed "
+        "of their own (seeded; chosen with training/choose_volume_z.py; default: slice)",
     )
     p.add_argument(
         "--refine-flair",

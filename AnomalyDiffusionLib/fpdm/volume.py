@@ -56,10 +56,13 @@ def volume_segmentation(
     26-connected components over the stack (sizes summed over slices). A small lesion cut by the
     64² grid into a few pixels per slice survives the 3D filter (3.8 mL: about 10 pixels on each of
     two slices), while the per-slice filter drops every one of its slices; the 3D hysteresis already
-    keeps only regions with a seed, so noise specks have nothing to hang on. Returns
-    (Segmentation, info)."""
-    if components not in ("slice", "volume"):
-        raise ValueError(f"components must be 'slice' or 'volume', not {components!r}")
+    keeps only regions with a seed, so noise specks have nothing to hang on. ``"seeded"`` is the 3D
+    filter and, per slice, drops the small components that hold no seed pixel (map above ``z``) of
+    their own: a small lesion's slices carry its seeds, while a speck grown onto a healthy neighbour
+    slice of a large lesion does not (the per-slice filter dropped it; the 3D filter alone keeps it,
+    as connected to the lesion). Returns (Segmentation, info)."""
+    if components not in ("slice", "volume", "seeded"):
+        raise ValueError(f"components must be 'slice', 'volume' or 'seeded', not {components!r}")
     if grow_z is not None and grow_z > z:
         raise ValueError(f"grow_z ({grow_z}) must not exceed z ({z})")
     if (seed_map_z is None) != (seed_flair_z is None):
@@ -103,6 +106,8 @@ def volume_segmentation(
         seg.masks = np.stack([remove_small_components(m, min_px) for m in masks])
     else:
         seg.masks = _drop_small_3d(masks, min_px)
+        if components == "seeded":
+            seg.masks = _drop_small_unseeded(seg.masks, maps >= level, min_px)
     seg.unhealthy = np.asarray(seg.masks.reshape(len(seg.masks), -1).any(1), bool)
     info = {
         "z": float(z),
@@ -128,3 +133,19 @@ def _drop_small_3d(stack: np.ndarray, max_size: int) -> np.ndarray:
     lab, n = ndimage.label(stack, structure=np.ones((3, 3, 3), bool))
     sizes = ndimage.sum_labels(stack, lab, index=np.arange(1, n + 1))
     return np.asarray(np.concatenate([[False], sizes > max_size])[lab], bool)
+
+
+def _drop_small_unseeded(stack: np.ndarray, seeds: np.ndarray, max_size: int) -> np.ndarray:
+    """``stack`` [N, S, S] without, per slice, its 8-connected components of ≤ ``max_size`` pixels
+    that hold no pixel of ``seeds`` (same shape)."""
+    out = np.asarray(stack, bool).copy()
+    eight = np.ones((3, 3), bool)
+    for k in range(len(out)):
+        if not out[k].any():
+            continue
+        lab, n = ndimage.label(out[k], structure=eight)
+        sizes = ndimage.sum_labels(out[k], lab, index=np.arange(1, n + 1))
+        seeded = ndimage.maximum(seeds[k], lab, index=np.arange(1, n + 1)) > 0
+        keep = np.concatenate([[False], (sizes > max_size) | np.asarray(seeded, bool)])
+        out[k] = keep[lab]
+    return out

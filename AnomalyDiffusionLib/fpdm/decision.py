@@ -56,13 +56,18 @@ def quantile_level(m_te: float, m_max: float, a: float = 0.90, b: float = 0.98) 
     return float(levels[int(np.round(np.round(ms, 2) * 100))])
 
 
-def remove_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
-    """Drop 8-connected components with ≤ ``max_size`` pixels (appendix F)."""
+def remove_small_components(mask: np.ndarray, max_size: int, seeds: np.ndarray | None = None) -> np.ndarray:
+    """Drop components with ≤ ``max_size`` pixels (appendix F): 8-connected in a 2D mask, 26-connected
+    in a 3D stack [N, S, S]. A component holding a pixel of ``seeds`` (bool, same shape) is kept
+    whatever its size."""
     if max_size <= 0 or not mask.any():
         return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    keep = np.concatenate([[False], sizes > max_size])
+    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    index = np.arange(1, n + 1)
+    big = ndimage.sum_labels(mask, labels, index=index) > max_size
+    if seeds is not None:
+        big |= ndimage.maximum(np.asarray(seeds, bool), labels, index=index) > 0
+    keep = np.concatenate([[False], big])
     return keep[labels]
 
 

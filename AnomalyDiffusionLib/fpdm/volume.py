@@ -105,9 +105,10 @@ def volume_segmentation(
     elif per_slice:
         seg.masks = np.stack([remove_small_components(m, min_px) for m in masks])
     else:
-        seg.masks = _drop_small_3d(masks, min_px)
-        if components == "seeded":
-            seg.masks = _drop_small_unseeded(seg.masks, maps >= level, min_px)
+        seg.masks = np.asarray(remove_small_components(masks, min_px), bool)  # 3D components
+        if components == "seeded":  # and per slice, no small component without a seed of its own
+            seeds_at = maps >= level
+            seg.masks = np.stack([remove_small_components(m, min_px, s) for m, s in zip(seg.masks, seeds_at, strict=True)])
     seg.unhealthy = np.asarray(seg.masks.reshape(len(seg.masks), -1).any(1), bool)
     info = {
         "z": float(z),
@@ -124,28 +125,3 @@ def volume_segmentation(
     if flair_bias_px is not None:
         info["flair_bias_px"] = float(flair_bias_px)
     return seg, info
-
-
-def _drop_small_3d(stack: np.ndarray, max_size: int) -> np.ndarray:
-    """``stack`` [N, S, S] without its 26-connected 3D components of ≤ ``max_size`` voxels."""
-    if max_size <= 0 or not stack.any():
-        return np.asarray(stack, bool)
-    lab, n = ndimage.label(stack, structure=np.ones((3, 3, 3), bool))
-    sizes = ndimage.sum_labels(stack, lab, index=np.arange(1, n + 1))
-    return np.asarray(np.concatenate([[False], sizes > max_size])[lab], bool)
-
-
-def _drop_small_unseeded(stack: np.ndarray, seeds: np.ndarray, max_size: int) -> np.ndarray:
-    """``stack`` [N, S, S] without, per slice, its 8-connected components of ≤ ``max_size`` pixels
-    that hold no pixel of ``seeds`` (same shape)."""
-    out = np.asarray(stack, bool).copy()
-    eight = np.ones((3, 3), bool)
-    for k in range(len(out)):
-        if not out[k].any():
-            continue
-        lab, n = ndimage.label(out[k], structure=eight)
-        sizes = ndimage.sum_labels(out[k], lab, index=np.arange(1, n + 1))
-        seeded = ndimage.maximum(seeds[k], lab, index=np.arange(1, n + 1)) > 0
-        keep = np.concatenate([[False], (sizes > max_size) | np.asarray(seeded, bool)])
-        out[k] = keep[lab]
-    return out

@@ -108,7 +108,9 @@ def volume_segmentation(
         seg.masks = np.asarray(remove_small_components(masks, min_px), bool)  # 3D components
         if components == "seeded":  # and per slice, no small component without a seed of its own
             seeds_at = maps >= level
-            seg.masks = np.stack([remove_small_components(m, min_px, s) for m, s in zip(seg.masks, seeds_at, strict=True)])
+            seg.masks = np.stack(
+                [remove_small_components(m, min_px, s) for m, s in zip(seg.masks, seeds_at, strict=True)]
+            )
     seg.unhealthy = np.asarray(seg.masks.reshape(len(seg.masks), -1).any(1), bool)
     info = {
         "z": float(z),

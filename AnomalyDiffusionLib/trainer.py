@@ -260,8 +260,16 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = False) -> None:
+    """Leave the process group (a no-op without one).
+
+    ``barrier``: wait for every rank first; give it on the normal way out, when every rank gets here.
+    Without it a rank that finishes first (rank 1, while rank 0 still writes the checkpoint) closes
+    its Gloo sockets while its peer may still read from them, and Gloo aborts that peer (SIGABRT).
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if barrier and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -178,6 +178,12 @@ def test_calibrate_then_evaluate_scripts(data, tmp_path):
         assert (tmp_path / "eval" / name).is_file()
 
 
+def failure(r) -> str:
+    """A failed torchrun's workers' own messages (a Gloo abort prints its reason first) and its tail."""
+    lines = [ln for ln in r.stderr.splitlines() if "what()" in ln or "Error" in ln or "terminate" in ln]
+    return "\n".join(lines[:20]) + "\n...\n" + r.stderr[-2000:]
+
+
 @pytest.mark.slow  # two torchrun processes: about 30 s
 def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
     """torchrun with 2 Gloo processes: rank 0 writes, every rank's random stream is checkpointed."""
@@ -191,8 +197,7 @@ def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
+        "--standalone",  # rendezvous on a free local port
         script,
         "--data",
         str(data),
@@ -214,12 +219,12 @@ def test_ddp_two_cpu_processes_train_and_resume(data, tmp_path):
         str(tmp_path / "ddp"),
     ]
     r = subprocess.run([*base, "--iterations", "3"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, failure(r)
     meta = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
     states = meta["numpy_rng"]
     assert isinstance(states, list) and len(states) == 2 and states[0] != states[1]
     r = subprocess.run([*base, "--iterations", "6", "--resume"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, failure(r)
     _, meta = load_unet(tmp_path / "ddp" / "fpdm.safetensors")
     assert meta["iterations"] == 6
     rows = list(csv.DictReader(open(tmp_path / "ddp" / "loss.csv")))

@@ -35,7 +35,7 @@ from AnomalyDiffusionLib.dode.model import load_dode
 from AnomalyDiffusionLib.errors import AnomalyDiffusionError
 from AnomalyDiffusionLib.modelio import save_weights
 from AnomalyDiffusionLib.nets import Decoder
-from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, setup_distributed, train_loop
+from AnomalyDiffusionLib.trainer import EMA_WARMUP_RULE, cleanup_distributed, setup_distributed, train_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
+    finished = False  # every rank got to the end: they leave the process group together
     try:
         out = args.out
         if out is None:
@@ -136,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 amp=args.amp,
                 dist=dist,
                 optimizer="adam",
-                progress=progress,
+                progress=progress if dist.main else None,
             )
+        finished = True
+        if not dist.main:  # under torchrun, rank 0 writes
+            return 0
         save_weights(
             ema_model,
             out / f"dode_decoder_{args.scale}.safetensors",
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     except AnomalyDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        cleanup_distributed(barrier=finished)
     return 0
 
 

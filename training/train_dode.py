@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    finished = False  # every rank got to the end: they leave the process group together
     try:
         dist = setup_distributed(args.device)
         scales = tuple(int(s) for s in args.scales.split(","))
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"scale {scale}: final loss {history[-1]['loss']:.4f} ({history[-1]['seconds']:.0f} s)")
         (args.out / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+        finished = True  # past the last collective: rank 0 builds the bundle while the others wait
         if dist.main and not args.no_bundle:
             import make_bundle  # beside this script
 
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        cleanup_distributed()
+        cleanup_distributed(barrier=finished)
     return 0
 
 

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = None
+    finished = False  # every rank got to the end: they leave the process group together
     try:
         dist = setup_distributed(args.device)
         modalities = tuple(m.strip() for m in args.modalities.split(","))
@@ -244,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"done: {args.iterations} iterations, last loss {last.get('loss', float('nan')):.4f}, "
                 f"{last.get('seconds', 0):.0f} s; weights in {args.out / 'fpdm.safetensors'}"
             )
+        finished = True
     except AnomalyDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        cleanup_distributed()
+        cleanup_distributed(barrier=finished)
     return 0
 
 

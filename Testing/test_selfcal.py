@@ -238,6 +238,29 @@ def test_seeded_components_keep_a_small_lesions_slices_and_drop_a_grown_speck_on
     assert seeded.unhealthy.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 0] and info["components"] == "seeded"
 
 
+def test_seeded_components_count_flair_assisted_seeds_as_seeds():
+    """A small lesion (3 × 3 px on slices 6-7) whose map stays between the growth level and z but is
+    FLAIR-bright: with FLAIR-assisted seeds it starts a region, and the seeded filter keeps both of its
+    slices (each holds FLAIR-assisted seeds of its own); the same lesion not FLAIR-bright is dropped."""
+    from AnomalyDiffusionLib.fpdm import Calibration, volume_segmentation
+
+    fwd, flair = _two_blob_forward(n=10)
+    h = fwd.h
+    h[:] = np.random.default_rng(7).uniform(0.0, 0.01, h.shape)
+    h[2:4, 0, 4:16, 4:16] = 1.0  # a large lesion, seeded by the map
+    h[6:8, 0, 20:23, 20:23] = 0.3  # the small lesion: above the growth and FLAIR-seed levels, below z
+    flair[:] = np.random.default_rng(9).normal(0.0, 0.05, flair.shape)
+    flair[2:4, 4:16, 4:16] += 1.0
+    bright = flair.copy()
+    bright[6:8, 20:23, 20:23] += 1.0
+    cal = Calibration(w=1.0, cos_threshold=0.9, m_max=[1.0], median_size=1, min_component=256)  # 16 px at 32²
+    kw = {"grow_z": 10.0, "seed_map_z": 20.0, "seed_flair_z": 3.0, "components": "seeded"}
+    found, _ = volume_segmentation(fwd, cal, 200.0, flair=bright, **kw)
+    assert found.unhealthy.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 0]
+    dull, _ = volume_segmentation(fwd, cal, 200.0, flair=flair, **kw)
+    assert dull.unhealthy.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
 def _biased_brain(n: int = 4, s: int = 64):
     """A round brain (radius 25.6 px) of FLAIR 1 with tissue noise of SD 0.05 under a smooth bias
     that brightens one side by up to 60 % (a Gaussian bump of SD 16 px centred 6 px outside the brain),

@@ -57,10 +57,10 @@ def volume_segmentation(
     64² grid into a few pixels per slice survives the 3D filter (3.8 mL: about 10 pixels on each of
     two slices), while the per-slice filter drops every one of its slices; the 3D hysteresis already
     keeps only regions with a seed, so noise specks have nothing to hang on. ``"seeded"`` is the 3D
-    filter and, per slice, drops the small components that hold no seed pixel (map above ``z``) of
-    their own: a small lesion's slices carry its seeds, while a speck grown onto a healthy neighbour
-    slice of a large lesion does not (the per-slice filter dropped it; the 3D filter alone keeps it,
-    as connected to the lesion). Returns (Segmentation, info)."""
+    filter and, per slice, drops the small components that hold no seed pixel (map above ``z``, or
+    a FLAIR-assisted seed) of their own: a small lesion's slices carry its seeds, while a speck grown
+    onto a healthy neighbour slice of a large lesion does not (the per-slice filter dropped it; the 3D
+    filter alone keeps it, as connected to the lesion). Returns (Segmentation, info)."""
     if components not in ("slice", "volume", "seeded"):
         raise ValueError(f"components must be 'slice', 'volume' or 'seeded', not {components!r}")
     if grow_z is not None and grow_z > z:
@@ -90,11 +90,12 @@ def volume_segmentation(
     flair_z = None if flair is None or (hyper_z is None and seed_map_z is None) else robust_standardise(flair, fg)
     if hyper_z is not None and flair_z is not None:
         masks = masks & (flair_z >= hyper_z)
+    # where a region may start: the map above z, or (FLAIR-assisted) above a lower z where FLAIR is bright
+    seeds = maps >= level
+    if seed_map_z is not None and seed_flair_z is not None and flair is not None and flair_z is not None:
+        seed_flair = flair_z if flair_bias_px is None else local_standardise(flair, fg, flair_bias_px)
+        seeds = seeds | ((maps >= pixel_level(maps, fg, seed_map_z)) & (seed_flair >= seed_flair_z))
     if grow_z is not None:
-        seeds = maps >= level
-        if seed_map_z is not None and seed_flair_z is not None and flair is not None and flair_z is not None:
-            seed_flair = flair_z if flair_bias_px is None else local_standardise(flair, fg, flair_bias_px)
-            seeds = seeds | ((maps >= pixel_level(maps, fg, seed_map_z)) & (seed_flair >= seed_flair_z))
         lab, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
         seeded = np.zeros(n + 1, bool)
         seeded[np.unique(lab[masks & seeds])] = True
@@ -107,10 +108,7 @@ def volume_segmentation(
     else:
         seg.masks = np.asarray(remove_small_components(masks, min_px), bool)  # 3D components
         if components == "seeded":  # and per slice, no small component without a seed of its own
-            seeds_at = maps >= level
-            seg.masks = np.stack(
-                [remove_small_components(m, min_px, s) for m, s in zip(seg.masks, seeds_at, strict=True)]
-            )
+            seg.masks = np.stack([remove_small_components(m, min_px, s) for m, s in zip(seg.masks, seeds, strict=True)])
     seg.unhealthy = np.asarray(seg.masks.reshape(len(seg.masks), -1).any(1), bool)
     info = {
         "z": float(z),

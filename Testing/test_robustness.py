@@ -25,7 +25,11 @@ from AnomalyDiffusionLib.pipeline import DetectOptions, detect
 # (--bias-correction n4) would remove the field, but also part of this 4-5 cm lesion (DICE to truth 0.32
 # with 3.2's rule). Margins are thin (0.51 > 0.5, 0.90 >= 0.9), measured with runs of the same torch
 # build; every growth-2 rule of the development grid failed the +20 % test (<= 0.87), which is why 3.3,
-# 3.4 and 3.5 grow from z 3.
+# 3.4 and 3.5 grow from z 3. The bias tests use one field draw: benchmarks/bias_fields.py draws 12 fields
+# of the same amplitude (correlation 20/40/80 mm, two seeds, both signs) and only this +20 % one reaches
+# 0.9 (the others 0.61-0.85; the FLAIR-threshold reference 0.35-0.77, none): this lesion is only 6 %
+# brighter than its surroundings on FLAIR, so a ±20 % field at its own scale moves any intensity-based
+# mask. The +20 % pass is not robustness to bias fields in general (benchmarks/README.md#bias-fields).
 pytestmark = [pytest.mark.slow]
 NOT_YET = pytest.mark.xfail(strict=False, reason="issue 15 acceptance not yet met by bundle 3.5 (see module comment)")
 OPTIONS = DetectOptions(methods=("fpdm",))  # default settings; AnoDODE does not touch the masks

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -41,3 +42,24 @@ def test_no_field_leaves_the_images_as_they_are():
     out = bias_fields.biased(images, None)
     for m in ("flair", "t2"):
         assert np.array_equal(sitk.GetArrayFromImage(out[m]), sitk.GetArrayFromImage(images[m]))
+
+
+def test_lesion_contrast_is_the_ratio_of_lesion_to_surrounding_medians():
+    """A cube of 130 in a head of 100 (background 0 outside): contrast 1.3, whatever the ring width."""
+    flair = np.zeros((20, 20, 20), np.float32)
+    flair[2:18, 2:18, 2:18] = 100.0
+    lesion = np.zeros(flair.shape, bool)
+    lesion[8:12, 8:12, 8:12] = True
+    flair[lesion] = 130.0
+    assert bias_fields.lesion_contrast(flair, lesion, 2.0) == pytest.approx(1.3)
+    assert bias_fields.lesion_contrast(flair, lesion, 1.0, ring_mm=3.0) == pytest.approx(1.3)
+
+
+def test_lesion_contrast_leaves_the_air_out_of_the_ring():
+    """A lesion at the edge of the head: its ring reaches the air (0), which must not count."""
+    flair = np.zeros((20, 20, 20), np.float32)
+    flair[2:18, 2:18, 2:18] = 100.0
+    lesion = np.zeros(flair.shape, bool)
+    lesion[2:6, 2:6, 2:6] = True
+    flair[lesion] = 130.0
+    assert bias_fields.lesion_contrast(flair, lesion, 1.0, ring_mm=4.0) == pytest.approx(1.3)

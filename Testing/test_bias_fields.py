@@ -44,22 +44,24 @@ def test_no_field_leaves_the_images_as_they_are():
         assert np.array_equal(sitk.GetArrayFromImage(out[m]), sitk.GetArrayFromImage(images[m]))
 
 
-def test_lesion_contrast_is_the_ratio_of_lesion_to_surrounding_medians():
-    """A cube of 130 in a head of 100 (background 0 outside): contrast 1.3, whatever the ring width."""
+def _head_with_lesion(corner: int) -> tuple[np.ndarray, np.ndarray]:
+    """A head of FLAIR 100 (air 0 around it) with a 4-voxel cube of 130 starting at ``corner``."""
     flair = np.zeros((20, 20, 20), np.float32)
     flair[2:18, 2:18, 2:18] = 100.0
     lesion = np.zeros(flair.shape, bool)
-    lesion[8:12, 8:12, 8:12] = True
+    lesion[corner : corner + 4, corner : corner + 4, corner : corner + 4] = True
     flair[lesion] = 130.0
+    return flair, lesion
+
+
+def test_lesion_contrast_is_the_ratio_of_lesion_to_surrounding_medians():
+    """A cube of 130 in a head of 100 (background 0 outside): contrast 1.3, whatever the ring width."""
+    flair, lesion = _head_with_lesion(8)
     assert bias_fields.lesion_contrast(flair, lesion, 2.0) == pytest.approx(1.3)
     assert bias_fields.lesion_contrast(flair, lesion, 1.0, ring_mm=3.0) == pytest.approx(1.3)
 
 
 def test_lesion_contrast_leaves_the_air_out_of_the_ring():
     """A lesion at the edge of the head: its ring reaches the air (0), which must not count."""
-    flair = np.zeros((20, 20, 20), np.float32)
-    flair[2:18, 2:18, 2:18] = 100.0
-    lesion = np.zeros(flair.shape, bool)
-    lesion[2:6, 2:6, 2:6] = True
-    flair[lesion] = 130.0
+    flair, lesion = _head_with_lesion(2)
     assert bias_fields.lesion_contrast(flair, lesion, 1.0, ring_mm=4.0) == pytest.approx(1.3)

@@ -226,6 +226,13 @@ class Bundle:
     def slice_size(self) -> int:
         return int(self.manifest["slice_size"])
 
+    @property
+    def slice_fov_mm(self) -> float | None:
+        """Physical side (mm) of the model slice, framed on the brain (:meth:`PlaneFit.for_brain`);
+        None: the scanner's whole field of view (every bundle before 3.6)."""
+        v = self.manifest.get("slice_fov_mm")
+        return None if v is None else float(v)
+
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of one weight file, floating point cast to float32."""
         from safetensors.torch import load

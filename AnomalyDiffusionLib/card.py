@@ -58,7 +58,12 @@ def metadata(
                 if (manifest.get("pipeline") or {}).get("intensity") == "landmarks"
                 else ""
             )
-            + "), background -1; axial slices fitted to the slice size (AnomalyDiffusionLib.volumes)",
+            + "), background -1; axial slices fitted to the slice size (AnomalyDiffusionLib.volumes)"
+            + (
+                f", AnoFPDM's framed on the brain at {float(manifest['slice_fov_mm']):g} mm"
+                if manifest.get("slice_fov_mm") is not None
+                else ""
+            ),
         }
     }
     outputs: dict = {}

@@ -212,18 +212,20 @@ def slices_from_case(
     stop: int | None = None,
     min_brain_fraction: float = 0.01,
     percentile: float = 99.0,
+    fov_mm: float | None = None,
 ) -> SliceDataset:
     """Model-size axial slices of one subject with masks and image-level labels.
 
     ``seg`` is a canonical label array (``None``: no lesion). Slices in ``[start, stop)`` whose brain
     covers less than ``min_brain_fraction`` of the slice are dropped. Label = any lesion voxel in the
-    native slice.
+    native slice. ``fov_mm``: frame the brain at that physical side (:meth:`PlaneFit.for_brain`, as a
+    bundle with ``slice_fov_mm`` does at inference) instead of the scanner's whole field of view.
     """
     mods = tuple(modalities) if modalities is not None else tuple(case.modalities)
     idx = slice_indices(case.shape[0], start, stop)
     brain_frac = case.mask[idx].reshape(len(idx), -1).mean(1)
     idx = idx[brain_frac >= min_brain_fraction]
-    fit = PlaneFit.for_case(case, size)
+    fit = PlaneFit.for_case(case, size, fov_mm)
     vol = case.normalised(mods, percentile)
     images = fit.to_model(np.moveaxis(vol[:, idx], 1, 0), "image", fill=-1.0)
     lesion = (seg[idx] > 0) if seg is not None else np.zeros((len(idx), *case.shape[1:]), bool)
@@ -334,8 +336,10 @@ def prepare_dataset(
     source: str = "",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    fov_mm: float | None = None,
 ) -> dict:
-    """Turn subjects into ``out/{train,val,test}`` slice datasets plus ``out/split.json``.
+    """Turn subjects into ``out/{train,val,test}`` slice datasets plus ``out/split.json``
+    (``fov_mm``: brain-framed slices, :func:`slices_from_case`).
 
     Returns the summary written to ``split.json`` (subjects and slice counts per split).
     """
@@ -348,6 +352,7 @@ def prepare_dataset(
         "normalisation": "per-subject: divide by the 99th percentile of brain voxels, clip, scale to [-1, 1]",
         "slice_range": [start, stop],
         "min_brain_fraction": min_brain_fraction,
+        "fov_mm": fov_mm,
     }
     writers = {
         name: SliceDatasetWriter(out / name, modalities, size, dtype, meta={**meta, "split": name}) for name in split
@@ -357,7 +362,7 @@ def prepare_dataset(
             case = load_case(c.images)
             seg = read_labelmap_like(c.seg, case, name=f"{c.subject} mask") if c.seg is not None else None
             writers[which[c.subject]].add(
-                slices_from_case(case, seg, c.subject, modalities, size, start, stop, min_brain_fraction)
+                slices_from_case(case, seg, c.subject, modalities, size, start, stop, min_brain_fraction, fov_mm=fov_mm)
             )
     except BaseException:
         for w in writers.values():
@@ -394,11 +399,12 @@ def phantom_dataset(
     min_brain_fraction: float = 0.01,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    fov_mm: float | None = None,
 ) -> SliceDataset:
     """Slices of ``n_subjects`` synthetic subjects (seeds ``seed .. seed+n-1``) built in memory.
 
     ``options`` is a :class:`~AnomalyDiffusionLib.phantom.PhantomOptions`; a ``healthy_fraction`` of
-    the subjects carry no lesion.
+    the subjects carry no lesion. ``fov_mm``: brain-framed slices (:func:`slices_from_case`).
     """
     from dataclasses import replace
 
@@ -414,10 +420,12 @@ def phantom_dataset(
         case = case_from_images({m: ph.images[m] for m in modalities})
         seg = case.reorientation.to_canonical(np.asarray(ph.mask, dtype=np.uint8))
         parts.append(
-            slices_from_case(case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction)
+            slices_from_case(
+                case, seg, f"phantom_{seed + i}", modalities, size, start, stop, min_brain_fraction, fov_mm=fov_mm
+            )
         )
     ds = SliceDataset.concatenate(parts)
-    ds.meta.update({"source": "phantom", "seeds": [seed, seed + n_subjects - 1]})
+    ds.meta.update({"source": "phantom", "seeds": [seed, seed + n_subjects - 1], "fov_mm": fov_mm})
     return ds
 
 
@@ -434,17 +442,26 @@ def open_slices(
     stop: int | None = None,
     progress: ProgressCallback | None = None,
     randomise: bool = False,
+    fov_mm: float | None = None,
 ) -> SliceDataset:
     """The slices a script works on: ``data/split`` of a prepared dataset (or ``data`` itself),
     memory-mapped, or ``phantom`` synthetic subjects built in memory (``randomise``: domain-randomised
-    appearance, :attr:`PhantomOptions.randomise`); either restricted to the axial slices ``start:stop``
-    (canonical slice indices, e.g. BMAD's 60:100 of the 155 BraTS slices)."""
+    appearance, :attr:`PhantomOptions.randomise`; ``fov_mm``: brain-framed, :func:`slices_from_case`);
+    either restricted to the axial slices ``start:stop`` (canonical slice indices, e.g. BMAD's 60:100
+    of the 155 BraTS slices). A prepared dataset must have been framed as ``fov_mm`` says."""
     if (data is None) == (phantom is None):
         raise InputError("give exactly one of --data or --phantom")
     if data is not None:
         root = Path(data)
         folder = root / split if (root / split / "meta.json").is_file() else root
         ds = SliceDataset.load(folder)
+        framed = ds.meta.get("fov_mm")
+        same = framed is None if fov_mm is None else framed is not None and abs(float(framed) - fov_mm) < 1e-6
+        if not same:
+            raise InputError(
+                f"dataset slices are framed with fov_mm {framed}, not {fov_mm}: prepare the data with the same "
+                "--fov-mm as the model"
+            )
         if ds.size != size:
             raise InputError(
                 f"dataset slices are {ds.size}×{ds.size} but the model is {size}×{size}; "
@@ -469,6 +486,7 @@ def open_slices(
         healthy_fraction=healthy_fraction,
         options=PhantomOptions(spacing=spacing, randomise=randomise),
         progress=progress,
+        fov_mm=fov_mm,
     )
 
 
@@ -487,8 +505,10 @@ def load_or_make(
     start: int | None = None,
     stop: int | None = None,
     randomise: bool = False,
+    fov_mm: float | None = None,
 ) -> tuple[np.ndarray, SliceDataset]:
-    """:func:`open_slices` (axial range ``start:stop``; ``randomise``: domain-randomised phantoms)
+    """:func:`open_slices` (axial range ``start:stop``; ``randomise``: domain-randomised phantoms;
+    ``fov_mm``: brain-framed slices)
     for calibration/evaluation: a seeded random subset of at most ``max_slices``, and its images
     restricted to ``modalities`` as float32 [N, C, S, S] in memory."""
     ds = open_slices(
@@ -504,6 +524,7 @@ def load_or_make(
         stop,
         progress=progress,
         randomise=randomise,
+        fov_mm=fov_mm,
     )
     if max_slices is not None and len(ds) > max_slices:
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False)))

@@ -218,7 +218,7 @@ def detect(
                 cancel.check()
         source = replace(case, arrays={**case.arrays, **corrected})
     vol = source.normalised(b.modalities, reference=reference)  # [C, z, y, x]
-    fit = PlaneFit.for_case(case, b.slice_size)
+    fit = PlaneFit.for_case(case, b.slice_size, b.slice_fov_mm)
     images = fit.to_model(np.moveaxis(vol[:, idx], 1, 0), "image", fill=-1.0)  # [K, C, S, S]
     voxel_mm2 = case.spacing[0] * case.spacing[1]
     brain_area = case.mask[idx].reshape(len(idx), -1).sum(1) * voxel_mm2

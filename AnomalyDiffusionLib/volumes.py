@@ -12,6 +12,8 @@ Conventions used everywhere in the library:
   original spacing, origin and direction copied bit for bit.
 * Model slices are square (e.g. 128×128). A canonical slice is padded to a physically square field
   of view (respecting anisotropic in-plane spacing) and then resized; :class:`PlaneFit` undoes both.
+  A bundle may instead frame the brain at a fixed physical size (``slice_fov_mm``): a square box
+  centred on the brain's in-plane extent, cropping or padding the scanner's field of view.
 """
 
 from __future__ import annotations
@@ -471,12 +473,16 @@ def slice_indices(n_slices: int, start: int | None = None, stop: int | None = No
     return np.arange(s, e)
 
 
+#: brain-framed slices (:meth:`PlaneFit.for_brain`) keep at least this much (mm) around the brain
+FRAME_MARGIN_MM = 6.0
+
+
 @dataclass(frozen=True)
 class PlaneFit:
     """Maps an axial slice ``(H, W)`` with in-plane spacing ``(sy, sx)`` to a square ``size × size``
-    model slice and back: pad to a physically square field of view, centred, then resize.
+    model slice and back: pad (or crop) to a physically square box, then resize.
 
-    ``pad = ((top, bottom), (left, right))`` in native pixels.
+    ``pad = ((top, bottom), (left, right))`` in native pixels; a negative entry crops that many.
     """
 
     in_shape: tuple[int, int]
@@ -493,9 +499,36 @@ class PlaneFit:
         return PlaneFit(in_shape=(h, w), pad=pad, size=int(size))
 
     @staticmethod
-    def for_case(case: Case, size: int) -> PlaneFit:
-        """Plane fit for the canonical axial slices of ``case`` (spacing y, x)."""
-        return PlaneFit.for_slice(case.shape[1:], (case.spacing[1], case.spacing[0]), size)
+    def for_brain(
+        brain: np.ndarray, spacing_yx: Sequence[float], size: int, fov_mm: float, margin_mm: float = FRAME_MARGIN_MM
+    ) -> PlaneFit:
+        """A square box of side ``fov_mm`` (mm) centred on the in-plane extent of ``brain`` [H, W] (bool,
+        e.g. the brain mask of every slice projected onto one plane), widened to the brain's extent plus
+        ``margin_mm`` on each side when the brain is larger, so no brain pixel is ever cut. The model
+        then sees anatomy at the same scale (``fov_mm / size`` mm per pixel) whatever the scanner's
+        field of view; the scanner's whole field of view (:meth:`for_slice`) when ``brain`` is empty."""
+        b = np.asarray(brain, bool)
+        h, w = b.shape
+        sy, sx = float(spacing_yx[0]), float(spacing_yx[1])
+        if not b.any():
+            return PlaneFit.for_slice((h, w), (sy, sx), size)
+        ys, xs = np.nonzero(b)
+        extent = max((ys.max() - ys.min() + 1) * sy, (xs.max() - xs.min() + 1) * sx) + 2.0 * float(margin_mm)
+        side = max(float(fov_mm), extent)
+        bh, bw = round(side / sy), round(side / sx)
+        top = round((ys.min() + ys.max() + 1 - bh) / 2.0)
+        left = round((xs.min() + xs.max() + 1 - bw) / 2.0)
+        return PlaneFit(in_shape=(h, w), pad=((-top, top + bh - h), (-left, left + bw - w)), size=int(size))
+
+    @staticmethod
+    def for_case(case: Case, size: int, fov_mm: float | None = None) -> PlaneFit:
+        """Plane fit for the canonical axial slices of ``case`` (spacing y, x): the scanner's whole
+        field of view, or with ``fov_mm`` a box of that side framing the case's brain (:meth:`for_brain`,
+        one box for all slices)."""
+        spacing_yx = (case.spacing[1], case.spacing[0])
+        if fov_mm is None:
+            return PlaneFit.for_slice(case.shape[1:], spacing_yx, size)
+        return PlaneFit.for_brain(np.asarray(np.asarray(case.mask, bool).any(0)), spacing_yx, size, fov_mm)
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -511,19 +544,30 @@ class PlaneFit:
         if tuple(slices.shape[-2:]) != self.in_shape:
             raise ValueError(f"slice shape {slices.shape[-2:]} does not match the fitted {self.in_shape}")
         pad_value = fill if kind == "image" else 0
-        padded = np.pad(slices, [(0, 0)] * (slices.ndim - 2) + list(self.pad), constant_values=pad_value)
+        (t, b), (left, r) = self.pad
+        h, w = self.in_shape
+        cropped = slices[..., max(0, -t) : h - max(0, -b), max(0, -left) : w - max(0, -r)]
+        widths = [(max(0, t), max(0, b)), (max(0, left), max(0, r))]
+        padded = np.pad(cropped, [(0, 0)] * (slices.ndim - 2) + widths, constant_values=pad_value)
         return _resize(padded, (self.size, self.size), kind)
 
     def from_model(self, slices: np.ndarray, kind: str = "image") -> np.ndarray:
         """``[..., size, size]`` model slices → ``[..., H, W]`` on the native slice grid.
 
         ``kind``: ``"image"`` (heatmaps, bilinear), ``"label"`` (nearest neighbour) or ``"mask"``.
+        Native pixels outside a cropping box get 0.
         """
         if tuple(slices.shape[-2:]) != (self.size, self.size):
             raise ValueError(f"model slice shape {slices.shape[-2:]} is not {self.size}×{self.size}")
         up = _resize(slices, self.padded_shape, kind)
-        (t, _), (left, _) = self.pad
-        return np.ascontiguousarray(up[..., t : t + self.in_shape[0], left : left + self.in_shape[1]])
+        (t, b), (left, r) = self.pad
+        h, w = self.in_shape
+        if min(t, b, left, r) >= 0:
+            return np.ascontiguousarray(up[..., t : t + h, left : left + w])
+        out = np.zeros((*up.shape[:-2], h, w), up.dtype)
+        y0, y1, x0, x1 = max(0, -t), h - max(0, -b), max(0, -left), w - max(0, -r)
+        out[..., y0:y1, x0:x1] = up[..., y0 + t : y1 + t, x0 + left : x1 + left]
+        return out
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], kind: str) -> np.ndarray:

@@ -362,6 +362,40 @@ def test_make_bundle_from_a_bundle_keeps_weights_byte_for_byte_and_sets_the_pipe
     assert swapped.manifest["dode"] == old["dode"] and sorted(swapped.methods) == ["dode", "fpdm"]
 
 
+def test_make_bundle_carries_the_anofpdm_models_framing(tmp_path, tiny):
+    """``slice_fov_mm`` belongs to the AnoFPDM weights it was trained with: --fpdm takes it from them
+    (or drops it, for weights trained over the whole field of view), --from keeps it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    framed = _edit_manifest(
+        make_tiny_bundle(tmp_path / "src", methods=("fpdm",), seed=3),
+        tmp_path / "framed",
+        lambda m: m.update(slice_fov_mm=150),
+    )
+    assert open_bundle(framed).slice_fov_mm == 150.0 and open_bundle(tiny).slice_fov_mm is None
+    fm = open_bundle(framed).manifest["fpdm"]
+    cal_file = tmp_path / "calibration_fpdm_ddim.json"
+    cal_file.write_text(json.dumps({"settings": fm["settings"], "calibration": fm["calibration"]}))
+
+    def make(out: str, *args: str) -> dict:
+        done = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / out)], capture_output=True)
+        assert done.returncode == 0, done.stderr
+        return open_bundle(tmp_path / out).manifest
+
+    assert (
+        make("a", "--from", str(tiny), "--fpdm", str(framed), "--fpdm-calibration", str(cal_file))["slice_fov_mm"]
+        == 150
+    )
+    assert make("b", "--from", str(tmp_path / "a"))["slice_fov_mm"] == 150
+    unframed = tmp_path / "src"
+    assert "slice_fov_mm" not in make(
+        "c", "--from", str(tmp_path / "a"), "--fpdm", str(unframed), "--fpdm-calibration", str(cal_file)
+    )
+
+
 def test_make_bundle_writes_the_flair_assisted_seed_rule_and_refuses_it_out_of_order(tmp_path, tiny):
     """--volume-seed MAP_Z FLAIR_Z lands in the pipeline block with --volume-flair-bias-px; a map level
     outside [--volume-grow-z, --volume-z], or no growth at all, is refused before anything is written."""

@@ -261,6 +261,31 @@ def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, obliqu
     assert np.abs(got.model_images - paper.model_images)[brain].mean() > 0.05
 
 
+def test_a_brain_framed_bundle_frames_anofpdm_only_and_maps_back_to_the_input_grid(tiny, oblique_case, tmp_path):
+    """A bundle with ``slice_fov_mm`` frames the brain at that physical size for AnoFPDM: its model
+    slices show the brain larger than over the scanner's whole field of view, outputs still land on the
+    input grid inside the brain, and AnoDODE (trained over the whole field) scores exactly as before."""
+    inputs = {"flair": oblique_case["flair"], "t2": oblique_case["t2"]}
+    opts = DetectOptions(device="cpu", methods=("fpdm", "dode"), slice_range=(26, 32), seed=3)
+    framed = tmp_path / "framed"
+    shutil.copytree(tiny, framed)
+    m = json.loads((framed / "manifest.json").read_text())
+    m["slice_fov_mm"] = 150.0
+    (framed / "manifest.json").write_text(json.dumps(m))
+    whole, got = detect(inputs, tiny, opts), detect(inputs, framed, opts)
+    case = got.case
+    side_mm = np.array(got.fit.padded_shape) * np.array([case.spacing[1], case.spacing[0]])
+    assert side_mm.min() >= 150.0 - 2 * max(case.spacing[:2])  # a physical square box, not the scanner's field
+    brain_px = [int((r.model_images[:, 0] > -0.95).sum()) for r in (whole, got)]
+    assert brain_px[1] > 1.2 * brain_px[0]
+    ref = sitk.ReadImage(str(oblique_case["flair"]))
+    for img in (got.heatmap, got.labelmap):
+        assert all(getattr(img, f)() == getattr(ref, f)() for f in GEOMETRY)
+    canon = case.reorientation.to_canonical(sitk.GetArrayFromImage(got.labelmap)) > 0
+    assert not (canon & ~case.mask).any()
+    assert [r["dode_score"] for r in got.rows] == [r["dode_score"] for r in whole.rows]
+
+
 # ------------------------------------------------------------------------ the embedded bundle
 @pytest.fixture(scope="module")
 def default_run(oblique_case):

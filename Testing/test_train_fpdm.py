@@ -83,6 +83,21 @@ def test_training_lowers_the_loss_and_weights_load_back(data, tmp_path):
         load_unet(tmp_path / "r" / "fpdm.safetensors", expect=unet_config("small"))
 
 
+def test_brain_framed_training_records_its_field_of_view(data, tmp_path, capsys):
+    """--fov-mm trains on brain-framed slices and says so in the weights (a bundle made from them frames
+    its inputs the same way); a prepared dataset framed otherwise is refused, not silently mixed."""
+    from AnomalyDiffusionLib.fpdm.model import load_unet_any
+
+    assert run(tmp_path / "x", data, 2, "--fov-mm", "150") == 2
+    assert "framed with fov_mm None, not 150.0" in capsys.readouterr().err
+    framed = tmp_path / "framed" / "train"
+    phantom_dataset(1, seed=41, size=32, options=PhantomOptions(spacing=3.0), fov_mm=150.0).save(framed)
+    assert run(tmp_path / "f", framed, 2, "--fov-mm", "150") == 0
+    assert read_meta(tmp_path / "f" / "fpdm.safetensors")["fov_mm"] == 150.0
+    (tmp_path / "f" / "fpdm.safetensors").unlink()  # a run still training: its checkpoint says the same
+    assert load_unet_any(tmp_path / "f")[1]["fov_mm"] == 150.0
+
+
 def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):
     assert run(tmp_path / "x", data, 2, "--image-size", "64") == 2
     assert "dataset slices are 32×32 but the model is 64×64" in capsys.readouterr().err

@@ -263,6 +263,60 @@ def test_plane_fit_pads_to_a_physically_square_field_of_view():
     assert np.array_equal(fit.to_model(x), x) and np.array_equal(fit.from_model(x), x)
 
 
+def test_brain_framing_is_a_box_of_the_asked_side_centred_on_the_brain():
+    brain = np.zeros((240, 200), bool)
+    brain[40:200, 50:150] = True  # 160 × 100 mm at 1 mm, centred at row 120, column 100
+    fit = V.PlaneFit.for_brain(brain, (1.0, 1.0), 64, 192.0, margin_mm=6.0)
+    assert fit.padded_shape == (192, 192)
+    (t, b), (left, r) = fit.pad
+    assert (t, b) == (-24, -24)  # rows 24 … 215 kept: crops the scanner's field of view
+    assert (left, r) == (-4, -4)  # columns 4 … 195
+    # anisotropic pixels: the box is square in mm, and larger brains widen it by the margin
+    brain = np.zeros((100, 300), bool)
+    brain[5:95, 20:280] = True  # 90 × 2 mm = 180 mm by 260 × 0.8 mm = 208 mm
+    fit = V.PlaneFit.for_brain(brain, (2.0, 0.8), 64, 192.0, margin_mm=6.0)
+    assert fit.padded_shape[0] * 2.0 == pytest.approx(220.0, abs=2.0)  # 208 + 2 × 6 mm, not 192
+    assert fit.padded_shape[1] * 0.8 == pytest.approx(220.0, abs=0.8)
+    # no brain: the scanner's field of view
+    assert V.PlaneFit.for_brain(np.zeros((50, 40), bool), (1.0, 1.0), 32, 192.0) == V.PlaneFit.for_slice(
+        (50, 40), (1.0, 1.0), 32
+    )
+
+
+def test_brain_framing_keeps_every_brain_pixel_and_round_trips_masks():
+    brain = np.zeros((240, 240), bool)
+    brain[30:210, 60:180] = True
+    fit = V.PlaneFit.for_brain(brain, (1.0, 1.0), 96, 192.0)  # 2 mm model pixels
+    model = fit.to_model(brain[None].astype(np.float32), "mask")[0]
+    assert model.sum() * 4 == brain.sum()  # 2 × 2 blocks, aligned: nothing lost at the box edge
+    back = fit.from_model(model[None], "label")[0].astype(bool)
+    assert back.shape == brain.shape and np.array_equal(back, brain)
+    # a native pixel outside the box comes back 0 (the box crops), never a wrapped or stretched value
+    ones = np.ones((1, 96, 96), np.float32)
+    back = fit.from_model(ones, "image")[0]
+    (t, _), (left, _) = fit.pad
+    box = np.zeros(brain.shape, bool)
+    box[-t : -t + 192, -left : -left + 192] = True
+    assert t < 0 and left < 0 and back[~box].max() == 0 and back[box].min() == 1
+
+
+def test_brain_framing_makes_the_model_slice_independent_of_the_scanners_field_of_view():
+    """The same head acquired with a 240 mm and a 300 mm field of view (1 mm pixels): framed on the
+    brain, the model sees the same slice; over the whole field of view, a differently sized brain."""
+    rng = np.random.default_rng(0)
+    head_2d = np.zeros((180, 150), np.float32)
+    yy, xx = np.indices(head_2d.shape)
+    inside = ((yy - 90) / 85.0) ** 2 + ((xx - 75) / 70.0) ** 2 < 1
+    head_2d[inside] = 0.5 + 0.5 * rng.random(inside.sum())
+    small, large = np.zeros((240, 240), np.float32), np.zeros((300, 300), np.float32)
+    small[30:210, 45:195] = head_2d
+    large[60:240, 75:225] = head_2d
+    framed = [V.PlaneFit.for_brain(a > 0, (1.0, 1.0), 64, 192.0).to_model(a[None])[0] for a in (small, large)]
+    assert np.allclose(framed[0], framed[1], atol=1e-6)
+    whole = [V.PlaneFit.for_slice(a.shape, (1.0, 1.0), 64).to_model(a[None])[0] for a in (small, large)]
+    assert (whole[0] > 0).sum() > 1.4 * (whole[1] > 0).sum()  # (300 / 240)² = 1.56 times the pixels
+
+
 def test_downsampled_mask_round_trip_keeps_a_disk():
     yy, xx = np.indices((240, 240))
     disk = ((yy - 100) ** 2 + (xx - 130) ** 2 < 30**2).astype(np.float32)

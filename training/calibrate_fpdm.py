@@ -150,6 +150,7 @@ def calibrate(args) -> dict:
             max_slices=args.max_slices,
             seed=args.seed,
             progress=progress,
+            fov_mm=meta.get("fov_mm"),  # the framing the model was trained with
             randomise=args.phantom_randomise,
         )
         ws = [float(w) for w in args.w.split(",")]

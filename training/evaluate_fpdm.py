@@ -91,6 +91,7 @@ def evaluate(args) -> dict:
             max_slices=args.max_slices,
             seed=args.seed,
             progress=progress,
+            fov_mm=meta.get("fov_mm"),  # the framing the model was trained with
         )
         truth = np.asarray(ds.masks).astype(bool)
         labels = np.asarray(ds.labels).astype(bool)

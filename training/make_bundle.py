@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 manifest[method] = _to_models_folder(manifest[method], moved)
             weights = {moved.get(n, n): src.tensors(n) for n in kept}
             modalities, slice_size = base["modalities"], base["slice_size"]
+            if "slice_fov_mm" in base:  # the kept AnoFPDM model's framing
+                manifest["slice_fov_mm"] = base["slice_fov_mm"]
         if args.fpdm:
             if not args.fpdm_calibration or not args.fpdm_calibration.is_file():
                 raise AnomalyDiffusionError("--fpdm needs --fpdm-calibration (calibration_fpdm_<mode>.json)")
@@ -339,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             weights.update(files)
             modalities = list(meta.get("modalities", ["flair", "t2"]))
             slice_size = model.config.image_size
+            fov_mm = meta.get("fov_mm")  # how the model's slices were framed in training
+            if fov_mm is None:
+                manifest.pop("slice_fov_mm", None)
+            else:
+                manifest["slice_fov_mm"] = float(fov_mm)
         if args.dode:
             from AnomalyDiffusionLib.dode.model import load_dode
 

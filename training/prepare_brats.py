@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--size", type=int, default=128, help="square slice size in pixels (default 128)")
     p.add_argument(
+        "--fov-mm",
+        type=float,
+        default=None,
+        help="frame each subject's brain in a square of this side in mm (as a bundle with slice_fov_mm does "
+        "at inference; default: the scanner's whole field of view, as the papers)",
+    )
+    p.add_argument(
         "--slices",
         default=None,
         metavar="START:STOP",
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 source=str(args.data),
                 progress=progress,
+                fov_mm=args.fov_mm,
             )
     except (AnomalyDiffusionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

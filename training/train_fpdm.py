@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--phantom-spacing", type=float, default=2.0, help="phantom voxel size in mm (default 2)")
     p.add_argument(
+        "--fov-mm",
+        type=float,
+        default=None,
+        help="frame the brain in a square of this side in mm instead of the scanner's whole field of view "
+        "(recorded in the weights; a bundle made from them frames its inputs the same way; a prepared "
+        "--data set must have been made with the same --fov-mm)",
+    )
+    p.add_argument(
         "--phantom-randomise",
         action="store_true",
         help="domain-randomised phantoms: each subject draws its own contrasts, bias, noise, gamma, blur, "
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop,
                 progress,
                 randomise=args.phantom_randomise,
+                fov_mm=args.fov_mm,
             )
         chans = ds.channel_index(modalities)
         images = ds.images  # memory-mapped for prepared data: only each batch is read
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 ema_warmup=EMA_WARMUP_RULE if args.ema > 0 else None,
                 p_uncond=args.p_uncond,
                 max_t=max_t,
+                fov_mm=args.fov_mm,
             )
             (args.out / "train_args.json").write_text(json.dumps(run["args"], indent=1))
             last = history[-1] if history else {}

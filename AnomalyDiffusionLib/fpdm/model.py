@@ -58,6 +58,7 @@ def load_unet_any(path: str | os.PathLike, device: str | torch.device = "cpu") -
         "iterations": meta["iteration"],
         "method": "fpdm",
         "from_checkpoint": True,
+        "fov_mm": args.get("fov_mm"),
     }
     return model.to(device).eval(), info
 
@@ -72,6 +73,7 @@ def _load_bundle_unet(path: Path, device: str | torch.device) -> tuple[UNet, dic
         "modalities": b.modalities,
         "iterations": f.get("trained_iterations"),
         "method": "fpdm",
+        "fov_mm": b.slice_fov_mm,
         "bundle": {"name": b.name, "sha256": b.sha256, "settings": settings.as_dict(), "calibration": cal.as_dict()},
     }
     return model, info

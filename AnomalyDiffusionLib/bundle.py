@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 FORMAT = "anomaly-diffusion-bundle"
 #: 1.1: pipeline.volume_seed_*, volume_flair_bias_px; 1.2: intensity_reference, pipeline.intensity;
 #: 1.3: pipeline.refine, refine_flair_z, refine_reach_mm, refine_keep_flair_z, volume_components
-FORMAT_VERSION = "1.3"
+#: 1.4: slice_fov_mm (AnoFPDM's slices framed on the brain; a 1.3 reader warns and ignores it)
+FORMAT_VERSION = "1.4"
 #: the embedded default bundle: Resources/Bundles/<name> beside the package, or inside it in a wheel
 DEFAULT_BUNDLE_NAME = "phantom-small"
 

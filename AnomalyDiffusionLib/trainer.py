@@ -298,7 +298,9 @@ def train_loop(
     AdamW (β 0.9/0.999, no weight decay) or Adam; EMA of weights (with score_sde's warm-up unless
     ``ema_warmup`` is False; a resumed run keeps the rule its checkpoint was written with); bf16
     autocast when ``amp`` on a GPU; DDP when ``dist.world > 1`` (each rank draws different batches;
-    rank 0 writes). Returns the EMA model (or the model when ``ema_decay`` is 0) and the loss history.
+    rank 0 writes). ``run`` is stored in each checkpoint; a resume refuses a checkpoint whose ``model``
+    (or, when the checkpoint has one, ``data``) differs. Returns the EMA model (or the model when
+    ``ema_decay`` is 0) and the loss history.
     """
     import time
 
@@ -319,6 +321,10 @@ def train_loop(
         if run and old_run.get("model") != run.get("model"):
             raise AnomalyDiffusionError(
                 f"cannot resume: checkpoint model {old_run.get('model')} differs from {run.get('model')}"
+            )
+        if run and "data" in old_run and old_run["data"] != run.get("data"):  # e.g. slices framed otherwise
+            raise AnomalyDiffusionError(
+                f"cannot resume: checkpoint data {old_run['data']} differs from {run.get('data')}"
             )
         log.info("resumed at iteration %d", start)
     net: nn.Module = model

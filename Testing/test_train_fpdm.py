@@ -96,6 +96,12 @@ def test_brain_framed_training_records_its_field_of_view(data, tmp_path, capsys)
     assert read_meta(tmp_path / "f" / "fpdm.safetensors")["fov_mm"] == 150.0
     (tmp_path / "f" / "fpdm.safetensors").unlink()  # a run still training: its checkpoint says the same
     assert load_unet_any(tmp_path / "f")[1]["fov_mm"] == 150.0
+    # a resume must see its slices framed as before (phantom slices are made on the fly: nothing else checks)
+    assert run(tmp_path / "f", framed, 4, "--resume", "--fov-mm", "150") == 0
+    phantom = ["--phantom", "1", "--phantom-spacing", "3", "--image-size", "32", "--resume"]
+    argv = ["--config", "tiny", "--batch-size", "4", "--iterations", "6", "--out", str(tmp_path / "f"), *phantom]
+    assert train_fpdm.main([*argv, "--threads", "1"]) == 2
+    assert "cannot resume: checkpoint data {'fov_mm': 150.0} differs from {'fov_mm': None}" in capsys.readouterr().err
 
 
 def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {
             "init_from": str(args.init_from) if args.init_from else None,
             "model": cfg.as_dict(),
+            "data": {"fov_mm": args.fov_mm},  # a resumed run must see its slices framed the same way
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
         with TqdmProgress(force=False) as progress:

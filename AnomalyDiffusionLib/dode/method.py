@@ -54,8 +54,7 @@ class AnoDODE:
         slices of AnoFPDM, ``slice_fov_mm``)."""
         b = inp.bundle
         channel = inp.volume[b.modalities.index(b.manifest["dode"]["modality"])]
-        fit = inp.fit if size == b.slice_size and b.slice_fov_mm is None else PlaneFit.for_case(inp.case, size)
-        return fit.to_model(channel[inp.indices], "image", -1.0)
+        return PlaneFit.for_case(inp.case, size).to_model(channel[inp.indices], "image", -1.0)
 
     def run(self, inp: SliceInputs, earlier: Mapping[str, MethodResult]) -> MethodResult:
         b, opt = inp.bundle, inp.options
@@ -158,7 +157,7 @@ class AnoDODE:
             )
             out[i : i + LOCALISE_BATCH] = heat
             report(inp.progress, "dode localisation", min(1.0, (i + LOCALISE_BATCH) / len(inp.indices)), "")
-        if b.slice_fov_mm is not None:  # from AnoDODE's whole-field slices to the pipeline's brain-framed ones
-            whole = PlaneFit.for_case(inp.case, b.slice_size)
+        whole = PlaneFit.for_case(inp.case, b.slice_size)
+        if whole != inp.fit:  # from AnoDODE's whole-field slices to the pipeline's brain-framed ones
             out = inp.fit.to_model(whole.from_model(out, "image"), "image", fill=0.0)
         return out

@@ -469,6 +469,7 @@ def test_make_bundle_writes_the_intensity_reference_and_keeps_it_from_its_source
     assert done.returncode == 0, done.stderr
     kept = open_bundle(again).manifest
     assert kept["intensity_reference"] == m["intensity_reference"] and "intensity" not in kept["pipeline"]
+    assert "replaced: intensity='landmarks'" in done.stderr  # a default that --from does not keep is said
     ref.write_text(json.dumps({"percentiles": [10, 25, 50, 75], "modalities": {"flair": marks["flair"]}}))
     bad = tmp_path / "bad"
     for args, needle in (

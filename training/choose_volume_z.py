@@ -91,6 +91,12 @@ DICE to truth 0.505) or 0 (0.7475; 0.510): a tie, so 3.5 ships keep 0, i.e. 3.4'
 filter (mean lesion DICE 0.621, 0 mL on the 8 healthy cases; 40006 0 -> 0.57, 40002 0.54 -> 0.46,
 every other case unchanged within 0.01).
 
+For bundle 3.6 (AnoFPDM weights fine-tuned on brain-framed slices, ``slice_fov_mm``), whose best rule on
+the 3,000-iteration weights sat on the grid's top z (40), the refined 3D rules went on to z 48 and 56
+(1,320 rules; they peak lower, 0.753). The rules were screened against the hard robustness tests with
+``training/screen_rules.py`` (the tests' inputs decided once for the 40 best rules) instead of one
+installed test run per rule.
+
     python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
         [--volume-flair-z G] [--volume-grow-z L] [--volume-components slice|volume|seeded] \
@@ -99,7 +105,7 @@ every other case unchanged within 0.01).
 Writes ``OUT/<seed>.json`` per case (cached per bundle sha256: a rerun only adds missing cases; a
 rule grid that grew decides only its new rules, from the pickled forward passes, ``OUT/<seed>.pkl``,
 about 140 MB each), ``OUT/choice.json`` and ``OUT/eval_metrics.json`` (the development figures for the bundle
-card, marked as not held out); on 2 cores about 17 minutes of forward passes and 14 of re-deciding 1,152 rules.
+card, marked as not held out); on 2 cores about 34 minutes for the forward passes and the 1,320 rules.
 """
 
 from __future__ import annotations
@@ -169,6 +175,15 @@ RULES = (
         for g in (1.0, 1.5)
         for seed in SEEDS[1:]
         for refine in ((2.0, 6.0, 0.0), (2.0, 6.0, 1.0), (2.0, 3.0, 0.0))
+    )
+    + tuple(
+        # after the brain-framed slices (bundle key slice_fov_mm): their maps are brighter and the best rule
+        # of the grid above sat on its top z (40), so the refined 3D rules go on to z 48 and 56
+        (z, g, 3.0, None, None, refine, components)
+        for z in (48.0, 56.0)
+        for g in (1.0, 1.5)
+        for refine in REFINEMENTS
+        for components in ("volume", "seeded")
     )
 )
 

@@ -431,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
                     "--intensity landmarks needs --intensity-reference (or a --from bundle with one)"
                 )
             manifest["pipeline"]["intensity"] = args.intensity
+        if src is not None:
+            # --from keeps weights and statements, not defaults: the pipeline is exactly what is given here
+            lost = {k: v for k, v in base.get("pipeline", {}).items() if manifest["pipeline"].get(k) != v}
+            if lost:
+                print(
+                    "warning: --from bundle's pipeline defaults not given again here are replaced: "
+                    + ", ".join(f"{k}={v!r}" for k, v in lost.items() if k != "default_methods_reason"),
+                    file=sys.stderr,
+                )
         if args.version:
             entries = []
             if args.changelog_from:

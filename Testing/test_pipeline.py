@@ -301,11 +301,18 @@ def _margin(result, truth) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="bundle 3.6's papers' decision (--calibration bundle, not the default) flags 3 of the 17 lesion "
+    "slices here: DICE 0.18 (3.5: 0.42, 6 slices); its cosine threshold and M_max were recalibrated on framed "
+    "slices but not re-chosen for this decision (issue 15 closing note)",
+)
 def test_default_bundle_model_finds_the_lesion_on_an_oblique_anisotropic_phantom(default_run, oblique_case):
     """End to end with the embedded bundle against the phantom's own mask (not a stored output): the
     outputs keep the input geometry, and the model's map, decided by the papers' rule (the
     ``bundle`` decision, computed in the same run), finds the lesion. Measured: bundle 3.0 0.45, 2.1
-    0.55; trivial 0.12."""
+    0.55, 3.5 0.42, 3.6 0.18 (an expected failure, strict: it must be looked at when it passes);
+    trivial 0.12."""
     from AnomalyDiffusionLib.metrics import dice
     from AnomalyDiffusionLib.pipeline import labelmap_from_model
 
@@ -318,7 +325,7 @@ def test_default_bundle_model_finds_the_lesion_on_an_oblique_anisotropic_phantom
 
 
 @pytest.mark.slow
-def test_default_decision_finds_the_lesion_on_an_oblique_anisotropic_phantom(default_run):
+def test_default_decision_finds_the_lesion_on_an_oblique_anisotropic_phantom(default_run, oblique_case):
     """The default (volume) decision on the same run. Bundles 3.0 to 3.2 found nothing here (the map
     never reached z 32; DICE 0.0, an expected failure until 2026-12-04); bundle 3.3's standardised
     inputs find the lesion (passed 2026-12-04, growth 2 and 3 alike)."""
@@ -331,6 +338,8 @@ def test_default_decision_finds_the_lesion_on_an_oblique_anisotropic_phantom(def
     assert found is not None and found[0] <= lesion.max() and found[1] >= lesion.min()
     d = dice(pred, truth)
     assert d > _margin(result, truth), (d, _margin(result, truth))
+    ref = sitk.ReadImage(str(oblique_case["flair"]))
+    assert all(getattr(result.labelmap, f)() == getattr(ref, f)() for f in GEOMETRY)
 
 
 @pytest.mark.slow

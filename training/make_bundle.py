@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="source",
         type=Path,
         default=None,
-        help="start from this bundle: its method sections and weights (bytes unchanged), statements and changelog; "
-        "the pipeline options, --version and --changelog given here replace or extend them, and --fpdm / --dode "
-        "replace that method (its section and weights) while the other is kept",
+        help="start from this bundle: its method sections and weights (bytes unchanged), statements and changelog "
+        "(--version and --changelog extend it), and --fpdm / --dode replace that method (its section and weights) "
+        "while the other is kept; its pipeline defaults are not kept: give them again (a warning lists the ones "
+        "replaced)",
     )
     p.add_argument("--name", default=None, help="bundle name (default phantom-small, or the --from bundle's)")
     p.add_argument("--description", default=None, help="one-line description")
@@ -433,11 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             manifest["pipeline"]["intensity"] = args.intensity
         if src is not None:
             # --from keeps weights and statements, not defaults: the pipeline is exactly what is given here
-            lost = {k: v for k, v in base.get("pipeline", {}).items() if manifest["pipeline"].get(k) != v}
+            lost = [
+                f"{k}={v!r}"
+                for k, v in base.get("pipeline", {}).items()
+                if k != "default_methods_reason" and manifest["pipeline"].get(k) != v
+            ]
             if lost:
                 print(
-                    "warning: --from bundle's pipeline defaults not given again here are replaced: "
-                    + ", ".join(f"{k}={v!r}" for k, v in lost.items() if k != "default_methods_reason"),
+                    "warning: --from bundle's pipeline defaults not given again here are replaced: " + ", ".join(lost),
                     file=sys.stderr,
                 )
         if args.version:

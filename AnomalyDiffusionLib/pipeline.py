@@ -67,6 +67,14 @@ class DetectResult:
     model_masks: np.ndarray | None = None  #: [K, S, S] masks in model space
     fit: PlaneFit | None = None
     extras: dict = field(default_factory=dict)
+    #: the case as the models saw it: ``case`` with the bias field divided out (``--bias-correction
+    #: n4``); None when nothing was corrected (then the models saw ``case``)
+    source: Case | None = None
+
+    def refinement_flair_z(self) -> np.ndarray:
+        """The robust FLAIR z-score [z, y, x] (canonical) that the refinement thresholds: of the FLAIR
+        the models saw, on the case's brain mask."""
+        return flair_zscore((self.source or self.case).arrays["flair"], self.case.mask)
 
 
 def _brain_slices(case: Case, start: int | None, stop: int | None) -> np.ndarray:
@@ -289,7 +297,7 @@ def detect(
             level, reach, keep = refinement
             report(progress, "writing", 0.3, "refining the segmentation to the FLAIR")
             model_ml = float(lab.sum()) * voxel_ml
-            flair_z = flair_zscore(source.arrays["flair"], case.mask)
+            flair_z = flair_zscore(source.arrays["flair"], case.mask)  # as refinement_flair_z()
             lab = refine_to_flair(lab > 0, flair_z, case.spacing, level, reach, keep).astype(np.uint8)
             labelmap = case.to_original(lab, sitk.sitkUInt8)
             refine_info = {
@@ -329,6 +337,7 @@ def detect(
         model_masks=masks_model,
         fit=fit,
         extras=extras,
+        source=None if source is case else source,
     )
 
 

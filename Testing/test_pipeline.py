@@ -223,6 +223,41 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny, oblique_
         assert not out.exists(), what
 
 
+def test_with_bias_correction_the_refinement_thresholds_the_corrected_flair(tiny):
+    """The refinement's FLAIR z-score (``DetectResult.refinement_flair_z``) is of the FLAIR the models
+    saw. A steep left-right gain ramp (0.7 to 1.3) shifts the uncorrected z-score by the ramp (its
+    change against the case without the ramp follows the ramp); with ``--bias-correction n4`` the
+    z-scores of the case with and without the ramp agree (N4 divides the ramp out). Without correction
+    the models saw the case as read (``source`` is None)."""
+    ph = make_subject(12, PhantomOptions(spacing=2.0, n_lesions=0, modalities=("flair", "t2")))
+    shape = sitk.GetArrayFromImage(ph.images["flair"]).shape
+    ramp = np.broadcast_to(np.linspace(0.7, 1.3, shape[2], dtype=np.float32), shape)
+
+    def with_gain(gain: np.ndarray) -> dict[str, sitk.Image]:
+        out = {}
+        for m in ("flair", "t2"):
+            img = sitk.GetImageFromArray(sitk.GetArrayFromImage(ph.images[m]).astype(np.float32) * gain)
+            img.CopyInformation(ph.images[m])
+            out[m] = img
+        return out
+
+    opts = {"device": "cpu", "methods": ("fpdm",), "slice_range": (30, 32)}
+    z = {}
+    for mode in ("none", "n4"):
+        for name, gain in (("flat", np.ones(shape, np.float32)), ("ramp", ramp)):
+            res = detect(with_gain(gain), tiny, DetectOptions(bias_correction=mode, **opts))
+            assert (res.source is None) == (mode == "none")
+            z[mode, name] = res.refinement_flair_z()
+    brain = res.case.mask
+    canonical_ramp = res.case.reorientation.to_canonical(np.ascontiguousarray(ramp))[brain]
+
+    def shift(mode: str) -> np.ndarray:
+        return (z[mode, "ramp"] - z[mode, "flat"])[brain]
+
+    assert np.corrcoef(shift("none"), canonical_ramp)[0, 1] > 0.8
+    assert np.abs(shift("n4")).mean() < 0.3 * np.abs(shift("none")).mean()
+
+
 def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, oblique_case, tmp_path):
     """Landmark standardisation needs the bundle's reference (a one-line error without it); with it, it
     is the bundle's default, it is what the models see (the images differ from the papers' scaling),

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import choose_volume_z
 import screen_rules
+from conftest import make_tiny_bundle
 
 
 def test_every_rule_of_the_grid_comes_back_from_the_choice_table():
@@ -28,3 +29,42 @@ def test_every_rule_of_the_grid_comes_back_from_the_choice_table():
         rule = screen_rules.table_rule(row)
         assert rule in rules
         assert choose_volume_z.rule_key(*rule) == row["key"]
+
+
+def test_a_rule_is_decided_as_detect_decides_it_with_that_rule_as_the_bundles(tmp_path):
+    """``choose_volume_z.rule_masks`` re-decides rules from one forward process; for the bundle's own
+    rule it must give detect's segmentation voxel for voxel, including the refinement on the
+    bias-corrected FLAIR (a bundle that corrects with N4): else development scores and the robustness
+    screen would describe another pipeline than the one that ships."""
+    import subprocess
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from AnomalyDiffusionLib.bundle import open_bundle
+    from AnomalyDiffusionLib.options import DetectOptions
+    from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject
+    from AnomalyDiffusionLib.pipeline import detect
+
+    tiny = make_tiny_bundle(tmp_path / "tiny", methods=("fpdm",))
+    out = tmp_path / "rule"
+    script = Path(__file__).resolve().parents[1] / "training" / "make_bundle.py"
+    argv = [sys.executable, str(script), "--from", str(tiny), "--calibration", "volume", "--volume-z", "1"]
+    argv += ["--volume-components", "seeded", "--refine-flair", "0.5", "6", "--bias-correction", "n4"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    bundle = open_bundle(out)
+    rule = (1.0, None, None, None, None, (0.5, 6.0, None), "seeded")
+    ph = make_subject(11, PhantomOptions(spacing=2.0, n_lesions=1, modalities=("flair", "t2")))
+    res = detect(ph.images, bundle, DetectOptions(device="cpu", methods=("fpdm",), slice_range=(26, 34)))
+    assert res.summary["bias_correction"]["method"] == "n4" and res.summary["refinement"]["method"] == "flair"
+    expected = res.case.reorientation.to_canonical(sitk.GetArrayFromImage(res.labelmap)) > 0
+    assert expected.any()  # a rule that segments something, or the comparison says nothing
+    fwd, cal = res.extras["fpdm_forward"], res.extras["fpdm_calibration"]
+    flair = res.model_images[:, bundle.modalities.index("flair")]
+    [(got_rule, mask, _, flagged)] = choose_volume_z.rule_masks(
+        fwd, cal, flair, res.case, res.indices, res.fit, res.refinement_flair_z(), [rule]
+    )
+    assert got_rule == rule
+    np.testing.assert_array_equal(mask, expected)
+    assert flagged == sorted(r["slice"] for r in res.rows if r["fpdm_unhealthy_volume"])

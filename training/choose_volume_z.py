@@ -115,6 +115,7 @@ import json
 import pickle
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from AnomalyDiffusionLib.bundle import open_bundle
-from AnomalyDiffusionLib.flair_reference import flair_zscore
 from AnomalyDiffusionLib.fpdm import volume_segmentation
 from AnomalyDiffusionLib.metrics import volume_level
 from AnomalyDiffusionLib.options import DetectOptions
@@ -322,11 +322,33 @@ def forward_case(c: DevCase, bundle, cache: Path | None = None) -> dict:
         "flair": res.model_images[:, bundle.modalities.index("flair")],
         "truth": case.reorientation.to_canonical(sitk.GetArrayFromImage(subject.labels)) > 0,
         "bundle_masks": res.extras["fpdm_model_masks"]["bundle"],
+        "refine_flair_z": res.refinement_flair_z(),  # of the bias-corrected FLAIR when the bundle corrects
     }
     if cache is not None:
         with cache.open("wb") as f:
             pickle.dump(data, f)
     return data
+
+
+def rule_masks(fwd, cal, flair: np.ndarray, case, indices: np.ndarray, fit, flair_z: np.ndarray, rules) -> Iterator:
+    """Every rule of ``rules`` decided from one forward process, as ``detect`` would with that rule as
+    the bundle's: yields (rule, its canonical bool mask on the input grid after the rule's refinement,
+    the volume decision's info, the canonical indices of the slices it flags). ``flair``: the model
+    slices' FLAIR [K, S, S]; ``flair_z``: :meth:`DetectResult.refinement_flair_z`. Rules that differ
+    only in their refinement share one decision."""
+    decided: dict = {}
+    for rule in rules:
+        *head, refine, components = rule
+        base = (*head, None, components)
+        if base not in decided:
+            kw = rule_kwargs(*base)
+            seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
+            _, lab = labelmap_from_model(case, seg.masks, indices, fit)
+            decided[base] = (lab > 0, info, indices[seg.unhealthy].tolist())
+        mask, info, flagged = decided[base]
+        if refine is not None:
+            mask = refine_to_flair(mask, flair_z, case.spacing, *refine)
+        yield rule, mask, info, flagged
 
 
 def evaluate_case(c: DevCase, bundle, rules: tuple = RULES, cache: Path | None = None) -> dict:
@@ -336,19 +358,8 @@ def evaluate_case(c: DevCase, bundle, rules: tuple = RULES, cache: Path | None =
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     seconds = data["seconds"]
     rows = {}
-    flair_z = flair_zscore(case.arrays["flair"], case.mask)  # what detect's refinement thresholds
-    decided: dict = {}  # one labelmap per rule without its refinement
-    for rule in rules:
-        *head, refine, components = rule
-        base = (*head, None, components)
-        if base not in decided:
-            kw = rule_kwargs(*base)
-            seg, info = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
-            _, lab = labelmap_from_model(case, seg.masks, data["indices"], data["fit"])
-            decided[base] = (lab > 0, info)
-        mask, info = decided[base]
-        if refine is not None:
-            mask = refine_to_flair(mask, flair_z, case.spacing, *refine)
+    flair_z = data["refine_flair_z"]
+    for rule, mask, info, _ in rule_masks(fwd, cal, flair, case, data["indices"], data["fit"], flair_z, rules):
         m = volume_level(mask, truth, voxel_ml)
         rows[rule_key(*rule)] = {
             "dice": round(m["dice"], 4),

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the intensity reference (default percentile)",
     )
     p.add_argument(
+        "--bias-correction",
+        choices=("none", "n4"),
+        default="none",
+        help="default bias-field correction before the scaling (AnomalyDiffusionLib.bias; default none)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -432,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--intensity landmarks needs --intensity-reference (or a --from bundle with one)"
                 )
             manifest["pipeline"]["intensity"] = args.intensity
+        if args.bias_correction != "none":
+            manifest["pipeline"]["bias_correction"] = args.bias_correction
         if src is not None:
             # --from keeps weights and statements, not defaults: the pipeline is exactly what is given here
             lost = [

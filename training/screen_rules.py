@@ -32,16 +32,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from AnomalyDiffusionLib.bundle import open_bundle
-from AnomalyDiffusionLib.flair_reference import flair_zscore
-from AnomalyDiffusionLib.fpdm import volume_segmentation
 from AnomalyDiffusionLib.metrics import dice
 from AnomalyDiffusionLib.options import DetectOptions
 from AnomalyDiffusionLib.phantom import PhantomOptions, make_subject, smooth_noise
-from AnomalyDiffusionLib.pipeline import detect, labelmap_from_model
-from AnomalyDiffusionLib.refine import refine_to_flair
+from AnomalyDiffusionLib.pipeline import detect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from choose_volume_z import rule_key, rule_kwargs  # a sibling script, not a package
+from choose_volume_z import rule_key, rule_masks  # a sibling script, not a package
 
 #: the robustness phantom of Testing/test_robustness.py
 PHANTOM = {"seed": 71, "spacing": 2.0, "lesion_radius_mm": (20.0, 26.0)}
@@ -83,21 +80,14 @@ def _gamma(gamma: float) -> Callable[[np.ndarray], np.ndarray]:
 def _decide(images: dict, bundle, rules: list[tuple]) -> tuple[dict, dict, object]:
     """One forward process of ``images``; per rule key its canonical mask and flagged slice indices."""
     res = detect(images, bundle, DetectOptions(methods=("fpdm",), calibration="volume", gate="none"))
-    case = res.case
-    flair_z = flair_zscore(case.arrays["flair"], case.mask)
     fwd, cal = res.extras["fpdm_forward"], res.extras["fpdm_calibration"]
     flair = res.model_images[:, bundle.modalities.index("flair")]
     masks, flagged = {}, {}
-    for rule in rules:
-        *head, refine, components = rule
-        kw = rule_kwargs(*head, None, components)
-        seg, _ = volume_segmentation(fwd, cal, kw.pop("z"), flair=flair, **kw)
-        _, lab = labelmap_from_model(case, seg.masks, res.indices, res.fit)
-        mask = lab > 0
-        if refine is not None:
-            mask = refine_to_flair(mask, flair_z, case.spacing, *refine)
+    for rule, mask, _, slices in rule_masks(
+        fwd, cal, flair, res.case, res.indices, res.fit, res.refinement_flair_z(), rules
+    ):
         masks[rule_key(*rule)] = mask
-        flagged[rule_key(*rule)] = res.indices[seg.unhealthy].tolist()
+        flagged[rule_key(*rule)] = slices
     return masks, flagged, res
 
 

@@ -8,7 +8,11 @@ data and the papers' training sets are bias corrected upstream; clinical scans o
 field as a B-spline on a shrunken copy of the brain and divides it out at full resolution.
 
 Pure functions of arrays; the pipeline applies it per modality on the case's brain mask when the
-bundle's ``pipeline.bias_correction`` (or ``detect --bias-correction``) says ``n4``.
+bundle's ``pipeline.bias_correction`` (or ``detect --bias-correction``) says ``n4`` (the default since
+bundle 3.7), and the native-resolution refinement then thresholds the corrected FLAIR
+(``DetectResult.refinement_flair_z``). N4 also removes the brightness a lesion borrows from a bright
+region of the field: a faint lesion is then judged by its own contrast alone (the robustness phantom
+of ``Testing/test_robustness.py`` and training/README.md, 3.7).
 """
 
 from __future__ import annotations

@@ -97,6 +97,12 @@ the 3,000-iteration weights sat on the grid's top z (40), the refined 3D rules w
 ``training/screen_rules.py`` (the tests' inputs decided once for the 40 best rules) instead of one
 installed test run per rule.
 
+For bundle 3.7 (3.6 with N4 bias-field correction by default) the grid ran again with N4 on (the
+forward passes record the corrected FLAIR the refinement thresholds, ``DetectResult.refinement_flair_z``):
+best 0.792, 3.6's rule 0.786 (without N4 0.763). No rule of the best 40 passed the robustness
+phantom's old guard (DICE to truth > 0.5), which 3.6 met only with that phantom's own bias field, so 3.7
+keeps 3.6's rule (training/README.md, 3.7).
+
     python training/choose_volume_z.py --out runs/choose_z            # the embedded bundle
     python training/make_bundle.py --from BUNDLE ... --calibration volume --volume-z Z \
         [--volume-flair-z G] [--volume-grow-z L] [--volume-components slice|volume|seeded] \

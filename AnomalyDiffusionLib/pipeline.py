@@ -74,7 +74,12 @@ class DetectResult:
     def refinement_flair_z(self) -> np.ndarray:
         """The robust FLAIR z-score [z, y, x] (canonical) that the refinement thresholds: of the FLAIR
         the models saw, on the case's brain mask."""
-        return flair_zscore((self.source or self.case).arrays["flair"], self.case.mask)
+        return _refinement_flair_z(self.source or self.case, self.case)
+
+
+def _refinement_flair_z(source: Case, case: Case) -> np.ndarray:
+    """The refinement's FLAIR z-score: of ``source``'s FLAIR (what the models saw) on ``case``'s brain."""
+    return flair_zscore(source.arrays["flair"], case.mask)
 
 
 def _brain_slices(case: Case, start: int | None, stop: int | None) -> np.ndarray:
@@ -297,7 +302,7 @@ def detect(
             level, reach, keep = refinement
             report(progress, "writing", 0.3, "refining the segmentation to the FLAIR")
             model_ml = float(lab.sum()) * voxel_ml
-            flair_z = flair_zscore(source.arrays["flair"], case.mask)  # as refinement_flair_z()
+            flair_z = _refinement_flair_z(source, case)
             lab = refine_to_flair(lab > 0, flair_z, case.spacing, level, reach, keep).astype(np.uint8)
             labelmap = case.to_original(lab, sitk.sitkUInt8)
             refine_info = {

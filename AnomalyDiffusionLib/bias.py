@@ -25,8 +25,11 @@ import SimpleITK as sitk
 #: voxels of the shrunken copy N4 fits on: enough for a field smooth over centimetres, and a few
 #: seconds for any head
 FIT_VOXELS = 150_000
-#: N4's iterations per fitting level (3 levels: the B-spline mesh doubles each time)
-ITERATIONS = (50, 50, 30)
+#: N4's iterations per fitting level; a fit on ``levels`` levels uses the first ``levels`` (the B-spline
+#: mesh starts at one span per axis and doubles each level: 3 levels end at 4 spans, 4 at 8)
+ITERATIONS = (50, 50, 30, 30, 20)
+#: fitting levels unless a bundle says otherwise (``pipeline.bias_levels``): 3, as bundle 3.7 shipped
+LEVELS = 3
 
 
 def n4_field(
@@ -34,11 +37,15 @@ def n4_field(
     mask: np.ndarray,
     spacing: Sequence[float],
     fit_voxels: int = FIT_VOXELS,
-    iterations: Sequence[int] = ITERATIONS,
+    levels: int = LEVELS,
 ) -> np.ndarray:
     """N4's multiplicative bias field of ``array`` [z, y, x] (``spacing`` x, y, z in mm) estimated on the
-    brain ``mask``: float32, same shape, 1 where nothing is corrected (outside the brain it is the
-    B-spline's extension). ``array / field`` is the corrected image."""
+    brain ``mask`` on ``levels`` fitting levels (1-5; more follow shorter-range fields: 4 levels end on
+    an 8-span mesh, about 2 cm per span across a brain): float32, same shape, 1 where nothing is
+    corrected (outside the brain it is the B-spline's extension). ``array / field`` is the corrected
+    image."""
+    if not 1 <= levels <= len(ITERATIONS):
+        raise ValueError(f"N4 fitting levels must be 1-{len(ITERATIONS)}, not {levels}")
     a = np.asarray(array, np.float32)
     m = np.asarray(mask, bool)
     if not m.any():
@@ -55,16 +62,19 @@ def n4_field(
     if not np.any(sitk.GetArrayViewFromImage(small_mask)):
         return np.ones_like(a)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    n4.SetMaximumNumberOfIterations(list(ITERATIONS[:levels]))
     n4.Execute(small, small_mask)
     log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img))
     return np.exp(log_field).astype(np.float32)
 
 
-def correct(array: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, dict]:
-    """``array`` with N4's field divided out, and what was corrected: the field's 5th and 95th
-    percentiles in the brain, relative to its median (a 20 % field gives about [0.8, 1.2])."""
-    field = n4_field(array, mask, spacing)
+def correct(
+    array: np.ndarray, mask: np.ndarray, spacing: Sequence[float], levels: int = LEVELS
+) -> tuple[np.ndarray, dict]:
+    """``array`` with N4's field (fitted on ``levels`` levels) divided out, and what was corrected: the
+    field's 5th and 95th percentiles in the brain, relative to its median (a 20 % field gives about
+    [0.8, 1.2])."""
+    field = n4_field(array, mask, spacing, levels=levels)
     m = np.asarray(mask, bool)
     inside = field[m] if m.any() else np.ones(1, np.float32)
     med = float(np.median(inside))

@@ -131,6 +131,16 @@ class DetectOptions:
         "remove a smooth coil gain field from each modality before scaling (n4) or not (none); default: the bundle's",
         choices=("none", "n4"),
     )
+    #: N4's fitting levels (:func:`~AnomalyDiffusionLib.bias.n4_field`); None: the bundle's (3 if it names none)
+    bias_levels: int | None = option(
+        None,
+        "--bias-levels",
+        "int",
+        "N4 fitting levels, 1-5: the B-spline mesh doubles per level, so more levels follow shorter-range gain "
+        "fields (default: the bundle's)",
+        minimum=1,
+        maximum=5,
+    )
     #: native-resolution refinement of the segmentation (:mod:`~AnomalyDiffusionLib.refine`): "none" |
     #: "flair" (the found lesions' extent redrawn from the FLAIR at the input's resolution, within the
     #: bundle's reach of what the model found); None: the bundle's default

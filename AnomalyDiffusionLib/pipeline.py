@@ -32,6 +32,7 @@ import torch
 
 from . import __version__
 from . import methods as registry
+from .bias import LEVELS as BIAS_LEVELS
 from .bias import correct as correct_bias
 from .bundle import Bundle, open_bundle
 from .devices import resolve_device
@@ -224,9 +225,11 @@ def detect(
     source = case  # what the models see; the outputs stay on the case as read
     if bias_mode == "n4":
         report(progress, "reading", 0.5, "bias-field correction (N4)")
+        levels = opt.bias_levels or int(b.manifest.get("pipeline", {}).get("bias_levels", BIAS_LEVELS))
+        bias_info["levels"] = levels
         corrected = {}
         for m in b.modalities:
-            corrected[m], bias_info[m] = correct_bias(case.arrays[m], case.mask, case.spacing)
+            corrected[m], bias_info[m] = correct_bias(case.arrays[m], case.mask, case.spacing, levels)
             if cancel is not None:
                 cancel.check()
         source = replace(case, arrays={**case.arrays, **corrected})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from AnomalyDiffusionLib.bias import correct, n4_field
 
@@ -47,3 +48,32 @@ def test_a_clean_image_is_left_nearly_alone_and_an_empty_mask_is_a_no_op():
     inside = field[mask] / np.median(field[mask])
     assert np.percentile(np.abs(inside - 1), 95) < 0.05
     np.testing.assert_array_equal(n4_field(img, np.zeros_like(mask), (2.0, 2.0, 2.0)), np.ones_like(img))
+
+
+def test_a_fourth_fitting_level_follows_a_field_that_changes_within_a_few_centimetres():
+    """A ±15 % gain with a 40 mm period: 3 levels end on a 4-span mesh (about 2.4 cm per span here,
+    too coarse for a 2 cm half-period) and leave it; the 8-span mesh of 4 levels removes most of it."""
+    img, mask = _head()
+    z, y, x = np.indices(img.shape, float)
+    period = 20.0  # voxels of 2 mm
+    gain = 1 + 0.15 * np.sin(2 * np.pi * x / period) * np.sin(2 * np.pi * y / period) * np.cos(2 * np.pi * z / period)
+    gain = (gain / gain.mean()).astype(np.float32)
+    spacing = (2.0, 2.0, 2.0)
+    cv = lambda r: float(np.std(r) / np.mean(r))  # noqa: E731
+    residual = {}
+    for levels in (3, 4):
+        fixed, _ = correct(img * gain, mask, spacing, levels)
+        clean, _ = correct(img, mask, spacing, levels)
+        residual[levels] = cv(fixed[mask] / clean[mask])
+    before = cv(gain[mask])
+    assert residual[3] > 0.8 * before
+    assert residual[4] < before / 3
+
+
+def test_four_levels_leave_a_clean_image_nearly_alone_and_levels_are_checked():
+    img, mask = _head(1)
+    field = n4_field(img, mask, (2.0, 2.0, 2.0), levels=4)
+    inside = field[mask] / np.median(field[mask])
+    assert np.percentile(np.abs(inside - 1), 95) < 0.05
+    with pytest.raises(ValueError, match="levels"):
+        n4_field(img, mask, (2.0, 2.0, 2.0), levels=0)

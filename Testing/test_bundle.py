@@ -420,8 +420,8 @@ def test_make_bundle_writes_the_flair_assisted_seed_rule_and_refuses_it_out_of_o
 
 def test_make_bundle_writes_the_refinement_and_refuses_a_negative_reach(tmp_path, tiny):
     """--refine-flair FLAIR_Z REACH_MM (and --refine-keep-z) make the FLAIR refinement the bundle's
-    default, --bias-correction n4 its bias correction (absent: none); a reach below 0 mm, or a keep
-    level alone, is refused before anything is written."""
+    default, --bias-correction n4 its bias correction (absent: none) and --bias-levels its N4 levels; a
+    reach below 0 mm, a keep level alone or N4 levels without N4 are refused before anything is written."""
     import subprocess
     import sys
     from pathlib import Path
@@ -430,17 +430,19 @@ def test_make_bundle_writes_the_refinement_and_refuses_a_negative_reach(tmp_path
     base = [sys.executable, str(script), "--from", str(tiny)]
     out = tmp_path / "refined"
     argv = [*base, "--refine-flair", "2.5", "6", "--refine-keep-z", "1", "--volume-components", "volume"]
-    argv += ["--bias-correction", "n4", "--out", str(out)]
+    argv += ["--bias-correction", "n4", "--bias-levels", "4", "--out", str(out)]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     pipe = open_bundle(out).manifest["pipeline"]
     assert (pipe["refine"], pipe["refine_flair_z"], pipe["refine_reach_mm"]) == ("flair", 2.5, 6.0)
     assert pipe["refine_keep_flair_z"] == 1.0 and pipe["volume_components"] == "volume"
     assert pipe["bias_correction"] == "n4" and "bias_correction" not in open_bundle(tiny).manifest.get("pipeline", {})
+    assert pipe["bias_levels"] == 4
     bad = tmp_path / "bad"
     for extra, needle in (
         (["--refine-flair", "2.5", "-1"], "--refine-flair FLAIR_Z REACH_MM"),
         (["--refine-keep-z", "1"], "--refine-keep-z applies with --refine-flair only"),
+        (["--bias-levels", "4"], "--bias-levels needs --bias-correction n4"),
     ):
         done = subprocess.run([*base, *extra, "--out", str(bad)], capture_output=True, text=True)
         assert done.returncode != 0 and needle in done.stderr

@@ -107,7 +107,7 @@ def test_every_option_round_trips_through_the_command_line():
     same options: the CLI and the Slicer bridge's command lines come from the one definition."""
     full = DetectOptions(
         methods=("dode",), device="cuda:1", w=3.5, steps=500, stride=7, gap="extrapolate", mode="ddpm",
-        early_stop=False, gate="dode", calibration="volume", intensity="landmarks", bias_correction="n4",
+        early_stop=False, gate="dode", calibration="volume", intensity="landmarks", bias_correction="n4", bias_levels=4,
         refine="flair", cos_threshold=-0.25,
         dode_threshold=1.46, dode_scales=(128, 192), dode_rtol=1e-4, dode_probes=8, faithful=True,
         slice_range=(None, 40), seed=7, batch_size=16,

@@ -262,8 +262,8 @@ def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, obliqu
     """Landmark standardisation needs the bundle's reference (a one-line error without it); with it, it
     is the bundle's default, it is what the models see (the images differ from the papers' scaling),
     summary.json records the case's landmarks beside the reference, and --faithful returns to the
-    papers' 99th-percentile scaling. --bias-correction n4 is recorded with the field it removed; off by
-    default and under --faithful."""
+    papers' 99th-percentile scaling. --bias-correction n4 is recorded with the field it removed and its
+    N4 levels (the bundle's pipeline.bias_levels, or --bias-levels); off by default and under --faithful."""
     inputs = {"flair": oblique_case["flair"], "t2": oblique_case["t2"]}
     opts = {"device": "cpu", "methods": ("fpdm",), "slice_range": (28, 31)}
     with pytest.raises(InputError, match=r"no intensity reference.*--intensity percentile"):
@@ -287,6 +287,12 @@ def test_intensity_scaling_follows_the_bundle_the_flag_and_faithful(tiny, obliqu
         and len(n4.summary["bias_correction"]["t2"]["field_p5_p95"]) == 2
     )
     assert faithful.summary["bias_correction"] == {"method": "none"} == got.summary["bias_correction"]
+    assert n4.summary["bias_correction"]["levels"] == 3  # the library's when the bundle names none
+    m["pipeline"].update(bias_correction="n4", bias_levels=4)
+    (ref / "manifest.json").write_text(json.dumps(m))
+    fine = detect(inputs, ref, DetectOptions(**opts))
+    coarse = detect(inputs, ref, DetectOptions(bias_levels=2, **opts))
+    assert (fine.summary["bias_correction"]["levels"], coarse.summary["bias_correction"]["levels"]) == (4, 2)
     assert got.summary["intensity"]["mode"] == "landmarks"
     assert got.summary["intensity"]["reference"]["flair"] == [0.2, 0.3, 0.4, 0.5]
     assert len(got.summary["intensity"]["case"]["t2"]) == 4

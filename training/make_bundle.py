@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="default bias-field correction before the scaling (AnomalyDiffusionLib.bias; default none)",
     )
     p.add_argument(
+        "--bias-levels",
+        type=int,
+        choices=range(1, 6),
+        default=None,
+        metavar="1-5",
+        help="N4 fitting levels with --bias-correction n4 (default: the library's, 3)",
+    )
+    p.add_argument(
         "--default-methods",
         default=None,
         help="methods detect runs when the user names none, e.g. fpdm (default: all the bundle has)",
@@ -440,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest["pipeline"]["intensity"] = args.intensity
         if args.bias_correction != "none":
             manifest["pipeline"]["bias_correction"] = args.bias_correction
+            if args.bias_levels is not None:
+                manifest["pipeline"]["bias_levels"] = args.bias_levels
+        elif args.bias_levels is not None:
+            raise AnomalyDiffusionError("--bias-levels needs --bias-correction n4")
         if src is not None:
             # --from keeps weights and statements, not defaults: the pipeline is exactly what is given here
             lost = [

@@ -28,7 +28,9 @@ FIT_VOXELS = 150_000
 #: N4's iterations per fitting level; a fit on ``levels`` levels uses the first ``levels`` (the B-spline
 #: mesh starts at one span per axis and doubles each level: 3 levels end at 4 spans, 4 at 8)
 ITERATIONS = (50, 50, 30, 30, 20)
-#: fitting levels unless a bundle says otherwise (``pipeline.bias_levels``): 3, as bundle 3.7 shipped
+#: fitting levels unless a bundle says otherwise (``pipeline.bias_levels``): 3, as bundle 3.7 shipped. 4
+#: levels follow fields that change within 2 cm but also take part of a 4-6 cm lesion for field (the
+#: development phantoms: training/README.md, decision 40)
 LEVELS = 3
 
 

@@ -68,3 +68,21 @@ def test_a_rule_is_decided_as_detect_decides_it_with_that_rule_as_the_bundles(tm
     assert got_rule == rule
     np.testing.assert_array_equal(mask, expected)
     assert flagged == sorted(r["slice"] for r in res.rows if r["fpdm_unhealthy_volume"])
+
+
+def test_one_rule_is_scored_by_hand_and_the_only_report_rule_flag_is_checked(tmp_path):
+    """A lesion case (DICE 0.6) and a healthy case with 0.5 mL segmented: the rule's development score is
+    (0.6 + (1 - 0.5 / 2)) / 2 = 0.675, and ``choose`` over that rule alone ranks nothing else.
+    ``--only-report-rule`` needs a ``--report-rule`` that is a rule of the grid (refused before any
+    forward pass)."""
+    rule = choose_volume_z.RULES[-1]
+    key = choose_volume_z.rule_key(*rule)
+    lesion = {"healthy": False, "z": {key: {"dice": 0.6, "volume_ml": 9.0, "false_positive_ml": 1.0}}}
+    healthy = {"healthy": True, "z": {key: {"dice": 1.0, "volume_ml": 0.5, "false_positive_ml": 0.5}}}
+    choice = choose_volume_z.choose([lesion, healthy], healthy_ml=2.0, rules=(rule,))
+    assert choice["key"] == key and len(choice["table"]) == 1
+    assert abs(choice["score"] - 0.675) < 1e-9 and choice["table"][0]["max_healthy_ml"] == 0.5
+    out = tmp_path / "dev"
+    assert choose_volume_z.main(["--only-report-rule", "--out", str(out)]) == 2
+    assert choose_volume_z.main(["--only-report-rule", "--report-rule", "1|2|3", "--out", str(out)]) == 2
+    assert not any(out.glob("*.json"))

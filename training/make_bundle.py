@@ -30,6 +30,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from AnomalyDiffusionLib import card
+from AnomalyDiffusionLib.bias import ITERATIONS as N4_ITERATIONS
+from AnomalyDiffusionLib.bias import LEVELS as N4_LEVELS
 from AnomalyDiffusionLib.bundle import open_bundle, write_bundle
 from AnomalyDiffusionLib.diffusion import Schedule
 from AnomalyDiffusionLib.dode.features import LITE0_VARIANTS
@@ -191,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bias-levels",
         type=int,
-        choices=range(1, 6),
+        choices=range(1, len(N4_ITERATIONS) + 1),
         default=None,
-        metavar="1-5",
-        help="N4 fitting levels with --bias-correction n4 (default: the library's, 3)",
+        metavar=f"1-{len(N4_ITERATIONS)}",
+        help=f"N4 fitting levels with --bias-correction n4 (default: the library's, {N4_LEVELS})",
     )
     p.add_argument(
         "--default-methods",
